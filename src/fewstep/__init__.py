@@ -1,0 +1,26 @@
+"""fewstep: fast training-free sampling for pretrained diffusion models."""
+
+from fewstep import grids, schedules
+from fewstep.hooks import NFECounter, ProgressBar, Timer, TrajectoryRecorder
+from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
+from fewstep.sample import sample
+from fewstep.solvers import SOLVERS, Solver, make_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SOLVERS",
+    "ClassifierFreeGuidance",
+    "Denoiser",
+    "ModelDenoiser",
+    "NFECounter",
+    "ProgressBar",
+    "Solver",
+    "Timer",
+    "TrajectoryRecorder",
+    "from_diffusers",
+    "grids",
+    "make_solver",
+    "sample",
+    "schedules",
+]

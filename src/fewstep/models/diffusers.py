@@ -1,0 +1,116 @@
+"""Build a Denoiser from a diffusers model and its scheduler config, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewstep.models.adapter import ModelDenoiser
+from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
+
+__all__ = ["from_diffusers", "schedule_from_config"]
+
+_PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> tuple[NoiseSchedule, str]:
+    """(schedule, prediction type) from a diffusers scheduler config (a dict or a scheduler's ``.config``).
+
+    DDPM-family configs (``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
+    ``trained_betas``, ``prediction_type``) give a :class:`DiscreteVP` whose table is computed in float32 as
+    diffusers does, so grids on its integer timesteps match diffusers bit for bit in the table.
+    ``FlowMatchEulerDiscreteScheduler`` configs give :class:`RectifiedFlow` (flow prediction).
+    """
+    cfg = dict(config)
+    cls = cfg.get("_class_name", "")
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if cls.startswith("FlowMatch"):
+        return RectifiedFlow(t_min=1.0 / n, t_max=1.0 - 1e-6), "flow"
+    prediction = cfg.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTION:
+        raise ValueError(f"unsupported diffusers prediction_type {prediction!r}; expected one of {list(_PREDICTION)}")
+    trained = cfg.get("trained_betas")
+    name = cfg.get("beta_schedule", "linear")
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float32)
+    elif name == "linear":
+        betas = np.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), n, dtype=np.float32)
+    elif name == "scaled_linear":
+        b0, b1 = cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5
+        betas = np.linspace(b0, b1, n, dtype=np.float32) ** 2
+    elif name == "squaredcos_cap_v2":
+        return DiscreteVP(DiscreteVP.named("squaredcos_cap_v2", num_train_timesteps=n).alphas_cumprod.astype(
+            np.float32)), _PREDICTION[prediction]
+    else:
+        raise ValueError(f"unsupported diffusers beta_schedule {name!r}")
+    # diffusers computes cumprod in float32; keep that table so integer timesteps match exactly.
+    alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float32), dtype=np.float32)
+    return DiscreteVP(alphas_cumprod.astype(np.float64)), _PREDICTION[prediction]
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser:
+    """A :class:`ModelDenoiser` for a diffusers model (``UNet2DModel``, ``UNet2DConditionModel``, a DiT, ...).
+
+    Args:
+        model: a diffusers model instance, or a local folder: a pipeline folder (with ``unet/`` or
+            ``transformer/`` and ``scheduler/``) or a model folder (``config.json`` + weights). Loaded with
+            ``local_files_only=True``; nothing is downloaded.
+        scheduler_or_config: a diffusers scheduler, its ``.config``, a dict, or a path to a
+            ``scheduler_config.json`` or its folder. Defaults to ``scheduler/`` beside or inside the model folder.
+
+    Conditioning passes through ``cond`` (e.g. ``{"encoder_hidden_states": emb}`` or ``{"class_labels": y}``).
+    """
+    import diffusers  # imported here: diffusers is heavy and only this adapter needs it
+
+    model_dir: Path | None = None
+    if isinstance(model, str | os.PathLike):
+        root = Path(model)
+        if not root.is_dir():
+            raise ValueError(f"no diffusers model folder at {root}")
+        model_dir = root
+        for sub in ("unet", "transformer"):
+            if (root / sub / "config.json").is_file():
+                model_dir = root / sub
+                break
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{model_dir} has no config.json; not a diffusers model folder")
+        class_name = _load_config(config_path).get("_class_name")
+        model_cls = getattr(diffusers, str(class_name), None)
+        if model_cls is None:
+            raise ValueError(f"{config_path} names unknown diffusers class {class_name!r}")
+        model = model_cls.from_pretrained(model_dir, local_files_only=True)
+    if scheduler_or_config is None:
+        if model_dir is None:
+            raise ValueError("pass the scheduler (or its config) that the model was trained with")
+        candidates = [model_dir.parent / "scheduler", model_dir / "scheduler", model_dir]
+        found = [c / "scheduler_config.json" for c in candidates if (c / "scheduler_config.json").is_file()]
+        if not found:
+            raise ValueError(f"no scheduler_config.json found near {model_dir}")
+        scheduler_or_config = found[0]
+    if isinstance(scheduler_or_config, str | os.PathLike):
+        p = Path(scheduler_or_config)
+        config = _load_config(p / "scheduler_config.json" if p.is_dir() else p)
+    elif isinstance(scheduler_or_config, Mapping):
+        config = dict(scheduler_or_config)
+    elif hasattr(scheduler_or_config, "config"):
+        config = dict(scheduler_or_config.config)
+        config.setdefault("_class_name", type(scheduler_or_config).__name__)
+    else:
+        raise TypeError(f"cannot read a scheduler config from {type(scheduler_or_config).__name__}")
+    schedule, prediction = schedule_from_config(config)
+    native = None
+    if isinstance(schedule, RectifiedFlow):
+        n = int(config.get("num_train_timesteps", 1000))
+        native = lambda t: t * n  # noqa: E731  (diffusers flow models take sigma * N)
+    return ModelDenoiser(model, schedule, prediction=prediction, native_time=native)

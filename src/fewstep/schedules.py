@@ -1,0 +1,264 @@
+"""Noise schedules: continuous time ``t`` -> ``(alpha, sigma)`` with ``x_t = alpha x_0 + sigma eps``.
+
+Every schedule exposes, in float64 and for scalar ``t``:
+
+* ``alpha(t)``, ``sigma(t)`` and ``lam(t) = log(alpha / sigma)`` (half log-SNR, increasing as noise falls);
+* ``inverse_lam(lam)``, the time with that half log-SNR;
+* ``t_min`` / ``t_max``, the interval on which the model may be evaluated.
+
+``t = 0`` always means clean data (``alpha = 1``, ``sigma = 0``, ``lam = +inf``): a sampling step may land
+there (the "denoise to zero" step) but a model is never evaluated there. Schedules know nothing of models,
+steps or solvers.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "NoiseSchedule",
+    "DiscreteVP",
+    "LinearVP",
+    "CosineVP",
+    "EDM",
+    "RectifiedFlow",
+]
+
+
+def _check_t(schedule: NoiseSchedule, t: float) -> float:
+    t = float(t)
+    if not (0.0 <= t <= schedule.t_max * (1 + 1e-12)) or math.isnan(t):
+        raise ValueError(f"t={t} is outside [0, t_max={schedule.t_max}] of {schedule!r}")
+    return t
+
+
+class NoiseSchedule(ABC):
+    """Base class. Subclasses implement ``_log_alpha_sigma(t)`` for ``t > 0`` and ``inverse_lam``."""
+
+    t_min: float
+    t_max: float
+
+    @abstractmethod
+    def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
+        """(log alpha, log sigma) at ``0 < t <= t_max``."""
+
+    @abstractmethod
+    def inverse_lam(self, lam: float) -> float:
+        """The time ``t`` with ``lam(t) = lam``; ``+inf`` maps to 0."""
+
+    def alpha(self, t: float) -> float:
+        t = _check_t(self, t)
+        return 1.0 if t == 0.0 else math.exp(self._log_alpha_sigma(t)[0])
+
+    def sigma(self, t: float) -> float:
+        t = _check_t(self, t)
+        return 0.0 if t == 0.0 else math.exp(self._log_alpha_sigma(t)[1])
+
+    def lam(self, t: float) -> float:
+        t = _check_t(self, t)
+        if t == 0.0:
+            return math.inf
+        log_alpha, log_sigma = self._log_alpha_sigma(t)
+        return log_alpha - log_sigma
+
+    @property
+    def lam_min(self) -> float:
+        return self.lam(self.t_max)
+
+    @property
+    def lam_max(self) -> float:
+        return self.lam(self.t_min)
+
+    def edm_sigma(self, t: float) -> float:
+        """``sigma / alpha = exp(-lam)``, the noise level in the EDM (variance-exploding) frame."""
+        return math.exp(-self.lam(t)) if t > 0 else 0.0
+
+
+class DiscreteVP(NoiseSchedule):
+    """Variance-preserving schedule of a discrete-time DDPM, from its ``alphas_cumprod`` table.
+
+    Following *DPM-Solver* (Lu et al., 2022), training step ``n`` (0..N-1) sits at continuous time
+    ``t_n = (n + 1) / N`` and ``log alpha`` is piecewise-linear between the table's values, so
+    ``t`` ranges over ``[1/N, 1]``. The model's native time is the (fractional) index ``N t - 1``.
+
+    Construct with :meth:`from_betas`, :meth:`from_alphas_cumprod` or :meth:`named`.
+    """
+
+    def __init__(self, alphas_cumprod: Sequence[float] | np.ndarray) -> None:
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        if ac.ndim != 1 or ac.size < 2:
+            raise ValueError("alphas_cumprod must be a 1-D table with at least 2 entries")
+        if not np.all((ac > 0) & (ac <= 1)) or np.any(np.diff(ac) > 0):
+            raise ValueError("alphas_cumprod must lie in (0, 1] and be non-increasing")
+        self.alphas_cumprod = ac
+        self.num_train_timesteps = int(ac.size)
+        self._log_alpha = 0.5 * np.log(ac)
+        self._ts = (np.arange(ac.size, dtype=np.float64) + 1.0) / ac.size
+        self.t_min = float(self._ts[0])
+        self.t_max = float(self._ts[-1])
+        lam = self._log_alpha - 0.5 * np.log1p(-ac)
+        if np.any(np.diff(lam) >= 0):
+            raise ValueError("alphas_cumprod must be strictly decreasing (lam must fall with t)")
+        self._lam_table = lam
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Sequence[float] | np.ndarray) -> DiscreteVP:
+        return cls(alphas_cumprod)
+
+    @classmethod
+    def from_betas(cls, betas: Sequence[float] | np.ndarray) -> DiscreteVP:
+        b = np.asarray(betas, dtype=np.float64)
+        if b.ndim != 1 or np.any((b <= 0) | (b >= 1)):
+            raise ValueError("betas must be a 1-D table with values in (0, 1)")
+        return cls(np.cumprod(1.0 - b))
+
+    @classmethod
+    def named(
+        cls,
+        name: str = "linear",
+        *,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+    ) -> DiscreteVP:
+        """The beta schedules of DDPM/diffusers: ``linear``, ``scaled_linear``, ``squaredcos_cap_v2``."""
+        n = num_train_timesteps
+        if n < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {n}")
+        if name == "linear":
+            betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+        elif name == "scaled_linear":
+            betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+        elif name == "squaredcos_cap_v2":
+            f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=np.float64)
+        else:
+            raise ValueError(
+                f"unknown beta schedule {name!r}; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
+            )
+        return cls.from_betas(betas)
+
+    def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
+        if t < self.t_min * (1 - 1e-12):
+            # Below the first training step: interpolate log alpha linearly to 0 at t = 0.
+            log_alpha = self._log_alpha[0] * t / self.t_min
+        else:
+            log_alpha = float(np.interp(t, self._ts, self._log_alpha))
+        return log_alpha, 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+
+    def inverse_lam(self, lam: float) -> float:
+        if lam == math.inf:
+            return 0.0
+        # log alpha from lam (VP): alpha^2 = sigmoid(2 lam); then invert the piecewise-linear table.
+        log_alpha = -0.5 * float(np.logaddexp(0.0, -2.0 * lam))
+        if log_alpha > self._log_alpha[0]:
+            return float(self.t_min * log_alpha / self._log_alpha[0])
+        return float(np.interp(-log_alpha, -self._log_alpha, self._ts))
+
+    def index(self, t: float) -> float:
+        """The native (fractional) training-step index ``N t - 1`` of time ``t``."""
+        return self.num_train_timesteps * t - 1.0
+
+    def time_of_index(self, n: float) -> float:
+        """Inverse of :meth:`index`."""
+        return (float(n) + 1.0) / self.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return f"DiscreteVP(N={self.num_train_timesteps}, lam=[{self.lam_min:.3f}, {self.lam_max:.3f}])"
+
+
+class LinearVP(NoiseSchedule):
+    """Continuous linear VP-SDE of *Score-Based Generative Modeling through SDEs* (Song et al., 2021):
+    ``log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`` on ``[t_min, 1]``."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *, t_min: float = 1e-3) -> None:
+        if not (0 <= beta_min < beta_max):
+            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        if not (0 < t_min < 1):
+            raise ValueError(f"t_min must lie in (0, 1), got {t_min}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.t_min, self.t_max = float(t_min), 1.0
+
+    def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
+        log_alpha = -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        return log_alpha, 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+
+    def inverse_lam(self, lam: float) -> float:
+        if lam == math.inf:
+            return 0.0
+        # Solve -log alpha = c: (b1 - b0)/4 t^2 + b0/2 t - c = 0 for t >= 0.
+        c = 0.5 * float(np.logaddexp(0.0, -2.0 * lam))
+        a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+        return 2.0 * c / (b + math.sqrt(b * b + 4.0 * a * c))
+
+    def __repr__(self) -> str:
+        return f"LinearVP(beta_min={self.beta_min}, beta_max={self.beta_max}, t_min={self.t_min})"
+
+
+class CosineVP(NoiseSchedule):
+    """Continuous cosine VP schedule of *Improved DDPM* (Nichol & Dhariwal, 2021):
+    ``alpha_t = cos((t + s)/(1 + s) pi/2) / cos(s/(1 + s) pi/2)``; ``t_max`` stays below 1 where alpha
+    vanishes (default 0.9946, as DPM-Solver does)."""
+
+    def __init__(self, s: float = 0.008, *, t_min: float = 1e-3, t_max: float = 0.9946) -> None:
+        if not (0 < t_min < t_max < 1):
+            raise ValueError(f"need 0 < t_min < t_max < 1, got {t_min}, {t_max}")
+        self.s = float(s)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self._log_alpha0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
+        log_alpha = math.log(math.cos((t + self.s) / (1 + self.s) * math.pi / 2)) - self._log_alpha0
+        return log_alpha, 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+
+    def inverse_lam(self, lam: float) -> float:
+        if lam == math.inf:
+            return 0.0
+        log_alpha = -0.5 * float(np.logaddexp(0.0, -2.0 * lam))
+        return 2.0 * (1 + self.s) / math.pi * math.acos(math.exp(log_alpha + self._log_alpha0)) - self.s
+
+    def __repr__(self) -> str:
+        return f"CosineVP(s={self.s}, t=[{self.t_min}, {self.t_max}])"
+
+
+class EDM(NoiseSchedule):
+    """Variance-exploding schedule in the parametrisation of *Elucidating the Design Space of
+    Diffusion-Based Generative Models* (Karras et al., 2022): ``t = sigma``, ``alpha = 1``."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.t_min, self.t_max = float(sigma_min), float(sigma_max)
+
+    def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
+        return 0.0, math.log(t)
+
+    def inverse_lam(self, lam: float) -> float:
+        return 0.0 if lam == math.inf else math.exp(-lam)
+
+    def __repr__(self) -> str:
+        return f"EDM(sigma=[{self.t_min}, {self.t_max}])"
+
+
+class RectifiedFlow(NoiseSchedule):
+    """Rectified flow / flow matching: ``alpha = 1 - t``, ``sigma = t`` on ``[t_min, t_max]``."""
+
+    def __init__(self, *, t_min: float = 1e-3, t_max: float = 1.0 - 1e-4) -> None:
+        if not (0 < t_min < t_max < 1):
+            raise ValueError(f"need 0 < t_min < t_max < 1, got {t_min}, {t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
+        return math.log1p(-t), math.log(t)
+
+    def inverse_lam(self, lam: float) -> float:
+        if lam == math.inf:
+            return 0.0
+        return 1.0 / (1.0 + math.exp(lam)) if lam > 0 else math.exp(-lam) / (1.0 + math.exp(-lam))
+
+    def __repr__(self) -> str:
+        return f"RectifiedFlow(t=[{self.t_min}, {self.t_max}])"
