@@ -40,13 +40,17 @@ class NFECounter:
     def __init__(self) -> None:
         self.nfe = 0
         self.per_step: list[int] = []
+        self._at_last_step = 0
 
     def on_start(self, grid: torch.Tensor) -> None:
-        self.nfe, self.per_step = 0, []
+        self.nfe, self.per_step, self._at_last_step = 0, [], 0
 
     def on_nfe(self, count: int) -> None:
-        self.per_step.append(count - self.nfe)
         self.nfe = count
+
+    def on_step(self, index: int, t_next: float, x: torch.Tensor) -> None:
+        self.per_step.append(self.nfe - self._at_last_step)
+        self._at_last_step = self.nfe
 
 
 class TrajectoryRecorder:
