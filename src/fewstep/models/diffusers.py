@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fewstep.models.adapter import ModelDenoiser
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
@@ -48,9 +49,9 @@ def schedule_from_config(config: Mapping[str, Any]) -> tuple[NoiseSchedule, str]
             np.float32)), _PREDICTION[prediction]
     else:
         raise ValueError(f"unsupported diffusers beta_schedule {name!r}")
-    # diffusers computes cumprod in float32; keep that table so integer timesteps match exactly.
-    alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float32), dtype=np.float32)
-    return DiscreteVP(alphas_cumprod.astype(np.float64)), _PREDICTION[prediction]
+    # diffusers computes the table with torch in float32; do the same so integer timesteps match exactly.
+    alphas_cumprod = torch.cumprod(1.0 - torch.from_numpy(betas), dim=0)
+    return DiscreteVP(alphas_cumprod.double().numpy()), _PREDICTION[prediction]
 
 
 def _load_config(path: Path) -> dict[str, Any]:
