@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from tests.conftest import rel_err
 
 from fewstep import make_solver, sample
 from fewstep.grids import logsnr
 from fewstep.schedules import EDM, CosineVP, LinearVP, RectifiedFlow
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
-from tests.conftest import rel_err
 
 
 @pytest.mark.parametrize("steps", [3, 10])

@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
+from tests.conftest import rel_err
 
 from fewstep import ClassifierFreeGuidance, from_diffusers, sample
 from fewstep.models import ModelDenoiser
 from fewstep.schedules import EDM, CosineVP, DiscreteVP, LinearVP, RectifiedFlow
 from fewstep.zoo import AnalyticDenoiser, digits, gaussian_mixture
-from tests.conftest import rel_err
 
 DATA = gaussian_mixture(dim=5, components=3, std=0.4)
 

@@ -8,12 +8,12 @@ the lowered final order is a heuristic for few steps and would cap the measured 
 
 import pytest
 import torch
+from tests.conftest import rmse, slopes
 
 from fewstep import make_solver, sample
 from fewstep.grids import logsnr
 from fewstep.schedules import EDM
 from fewstep.zoo import AnalyticDenoiser, gaussian
-from tests.conftest import rmse, slopes
 
 STEPS = [40, 80, 160]
 

@@ -9,11 +9,11 @@ for DPM-Solver++ and DEIS, so ours is set to ``steps < 15`` too.
 import diffusers
 import pytest
 import torch
+from tests.conftest import rel_err
 
 from fewstep import make_solver, sample
 from fewstep.models import ModelDenoiser, schedule_from_config
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
-from tests.conftest import rel_err
 
 CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from fewstep import NFECounter, SOLVERS, TrajectoryRecorder, make_solver, sample
+from fewstep import SOLVERS, NFECounter, TrajectoryRecorder, make_solver, sample
 from fewstep.grids import logsnr
 from fewstep.models import ModelDenoiser
 from fewstep.schedules import DiscreteVP

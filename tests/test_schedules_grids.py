@@ -18,8 +18,8 @@ SCHEDULES = [DiscreteVP.named("linear"), DiscreteVP.named("scaled_linear", beta_
 def test_lam_round_trip_and_monotone(schedule):
     ts = np.linspace(schedule.t_min, schedule.t_max, 57)
     lams = [schedule.lam(t) for t in ts]
-    assert all(b < a for a, b in zip(lams, lams[1:]))
-    for t, lam in zip(ts, lams):
+    assert all(b < a for a, b in zip(lams, lams[1:], strict=False))
+    for t, lam in zip(ts, lams, strict=False):
         assert math.isclose(schedule.inverse_lam(lam), t, rel_tol=1e-9, abs_tol=1e-12)
         assert math.isclose(lam, math.log(schedule.alpha(t) / schedule.sigma(t)), rel_tol=1e-12, abs_tol=1e-12)
     assert schedule.alpha(0.0) == 1.0 and schedule.sigma(0.0) == 0.0 and schedule.lam(0.0) == math.inf

@@ -99,9 +99,10 @@ def time_quadratic(
     t_end: float | None = None,
 ) -> torch.Tensor:
     """Points equally spaced in ``sqrt(t)`` (DDIM's ``quad`` and DPM-Solver's ``time_quadratic``)."""
-    return _spaced(
-        schedule, steps, to_zero, t_start, t_end, lambda u, a, b: (math.sqrt(a) + u * (math.sqrt(b) - math.sqrt(a))) ** 2
-    )
+    def warp(u: np.ndarray, a: float, b: float) -> np.ndarray:
+        return (math.sqrt(a) + u * (math.sqrt(b) - math.sqrt(a))) ** 2
+
+    return _spaced(schedule, steps, to_zero, t_start, t_end, warp)
 
 
 def logsnr(

@@ -33,9 +33,8 @@ class _BoundModel:
         if self.check:
             if not isinstance(out, torch.Tensor) or out.shape != x.shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(
-                    f"denoiser returned {shape} for input of shape {tuple(x.shape)} at step {self.step_index} (t={t:.6g})"
-                )
+                raise ValueError(f"denoiser returned {shape} for input of shape {tuple(x.shape)} "
+                                 f"at step {self.step_index} (t={t:.6g})")
             if not bool(torch.isfinite(out).all()):
                 raise ValueError(f"denoiser returned NaN or inf at step {self.step_index} (t={t:.6g})")
         for hook in self.hooks:

@@ -5,7 +5,7 @@ This module is the only place that knows a network's prediction type and native 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch

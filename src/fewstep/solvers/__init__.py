@@ -55,7 +55,8 @@ def make_solver(name: str, **knobs: Any) -> Solver:
     try:
         factory = SOLVERS[name]
     except KeyError:
-        raise ValueError(f"unknown solver {name!r}{suggest(name, SOLVERS)}; known solvers: {', '.join(SOLVERS)}") from None
+        known = ", ".join(SOLVERS)
+        raise ValueError(f"unknown solver {name!r}{suggest(name, SOLVERS)}; known solvers: {known}") from None
     try:
         return factory(**knobs)
     except TypeError as err:
