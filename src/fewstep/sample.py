@@ -35,7 +35,8 @@ class _BoundModel:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"denoiser returned {shape} for input of shape {tuple(x.shape)} "
                                  f"at step {self.step_index} (t={t:.6g})")
-            if not bool(torch.isfinite(out).all()):
+            # One reduction: any NaN/inf makes the sum non-finite (a finite overflow to inf also raises, rightly).
+            if not bool(torch.isfinite(out.sum())):
                 raise ValueError(f"denoiser returned NaN or inf at step {self.step_index} (t={t:.6g})")
         for hook in self.hooks:
             fn = getattr(hook, "on_nfe", None)

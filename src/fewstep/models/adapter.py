@@ -13,6 +13,7 @@ import torch
 from fewstep.grids import suggest
 from fewstep.models.base import Cond, Denoiser
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
+from fewstep.solvers._coeffs import lincomb
 
 __all__ = ["PREDICTIONS", "ModelDenoiser", "native_time_default"]
 
@@ -103,15 +104,18 @@ class ModelDenoiser(Denoiser):
         if out.shape != x.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        if self.prediction == "eps":
-            return (x - sigma * out) / alpha
         if self.prediction == "x0":
             return out
-        if self.prediction == "v":
-            return (alpha * x - sigma * out) / (alpha * alpha + sigma * sigma)
-        if self.prediction == "flow":
-            return x - t * out
-        return (x + sigma * sigma * out) / alpha  # score
+        if self.prediction == "eps":
+            cx, co = 1.0 / alpha, -sigma / alpha
+        elif self.prediction == "v":
+            norm = alpha * alpha + sigma * sigma
+            cx, co = alpha / norm, -sigma / norm
+        elif self.prediction == "flow":
+            cx, co = 1.0, -t
+        else:  # score
+            cx, co = 1.0 / alpha, sigma * sigma / alpha
+        return lincomb([(cx, x), (co, out)])
 
     def __repr__(self) -> str:
         return f"ModelDenoiser({type(self.model).__name__}, {self.schedule!r}, prediction={self.prediction!r})"

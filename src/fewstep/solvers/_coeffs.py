@@ -12,8 +12,20 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
-__all__ = ["data_phis", "lagrange_integrals", "noise_phis", "uni_rhos"]
+__all__ = ["data_phis", "lagrange_integrals", "lincomb", "noise_phis", "uni_rhos"]
+
+
+def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """``sum_i c_i T_i`` with one allocation: every solver update is a linear combination of tensors with float64
+    coefficients computed on the host, so it costs one fused multiply-add per term."""
+    (c0, t0), *rest = terms
+    out = t0 * c0
+    for c, t in rest:
+        if c != 0.0:
+            out.add_(t, alpha=c)
+    return out
 
 
 def data_phis(h: float) -> tuple[float, float, float]:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from fewstep.solvers._coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
 
 __all__ = ["DDIM", "DDPM"]
@@ -43,12 +44,13 @@ class DDIM(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         x0 = model(x, step.t_cur)
-        eps = (x - step.alpha_cur * x0) / step.sigma_cur
         s = self.eta * step.sigma_next * math.sqrt(-math.expm1(-2.0 * step.h))
-        x_next = step.alpha_next * x0 + math.sqrt(max(step.sigma_next**2 - s * s, 0.0)) * eps
+        c = math.sqrt(max(step.sigma_next**2 - s * s, 0.0))
+        # alpha_next x0 + c eps with eps = (x - alpha x0)/sigma, as one combination of x and x0
+        terms = [(c / step.sigma_cur, x), (step.alpha_next - c * step.alpha_cur / step.sigma_cur, x0)]
         if noise is not None and s > 0:
-            x_next = x_next + s * noise
-        return x_next, state
+            terms.append((s, noise))
+        return lincomb(terms), state
 
 
 class DDPM(Solver):
@@ -84,6 +86,8 @@ class DDPM(Solver):
         x0 = model(x, step.t_cur)
         decay = math.exp(-step.h)
         frac = -math.expm1(-2.0 * step.h)
-        mean = step.alpha_next * frac * x0 + (step.sigma_next / step.sigma_cur) * decay * x
         std = (step.sigma_next if self.variance == "small" else step.sigma_cur) * math.sqrt(frac)
-        return (mean if noise is None else mean + std * noise), state
+        terms = [(step.alpha_next * frac, x0), ((step.sigma_next / step.sigma_cur) * decay, x)]  # posterior mean
+        if noise is not None:
+            terms.append((std, noise))
+        return lincomb(terms), state

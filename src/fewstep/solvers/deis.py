@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import lagrange_integrals
+from fewstep.solvers._coeffs import lagrange_integrals, lincomb
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
 
@@ -53,7 +53,7 @@ class DEIS(Solver):
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, History)
         sched = model.schedule  # type: ignore[attr-defined]
-        eps = (x - step.alpha_cur * model(x, step.t_cur)) / step.sigma_cur
+        eps = lincomb([(1.0 / step.sigma_cur, x), (-step.alpha_cur / step.sigma_cur, model(x, step.t_cur))])
         hist = state.push(step.lam_cur, eps, self.solver_order)
         order = multistep_order(self.solver_order, len(hist.lams), step, self.lower_order_final)
         lams = hist.lams[-order:]
@@ -71,10 +71,10 @@ class DEIS(Solver):
             nodes = [-lam for lam in lams]
             u_of = math.log
         coeffs = lagrange_integrals(nodes, u_of, step.sbar_cur, step.sbar_next)
-        xbar = x / step.alpha_cur
-        for c, e in zip(coeffs, hist.values[-order:], strict=True):
-            xbar = xbar + c * e
-        return xbar * step.alpha_next, hist
+        # x_next = alpha_next (x/alpha + sum_j C_j eps_j)
+        terms = [(step.alpha_next / step.alpha_cur, x)]
+        terms += [(step.alpha_next * c, e) for c, e in zip(coeffs, hist.values[-order:], strict=True)]
+        return lincomb(terms), hist
 
 
 class IPNDM(Solver):
@@ -111,9 +111,12 @@ class IPNDM(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, History)
-        d = (x - step.alpha_cur * model(x, step.t_cur)) / step.sigma_cur  # = (xbar - D)/sbar
+        # d = (xbar - D)/sbar = eps_hat
+        d = lincomb([(1.0 / step.sigma_cur, x), (-step.alpha_cur / step.sigma_cur, model(x, step.t_cur))])
         hist = state.push(step.lam_cur, d, self.solver_order)
         weights = self._weights[multistep_order(self.solver_order, len(hist.lams), step, False) - 1]
-        e = sum(w * v for w, v in zip(weights, reversed(hist.values), strict=False))
-        xbar = x / step.alpha_cur + (step.sbar_next - step.sbar_cur) * e
-        return xbar * step.alpha_next, hist
+        # x_next = alpha_next (xbar + (sbar_next - sbar) sum_j w_j d_j)
+        scale = step.alpha_next * (step.sbar_next - step.sbar_cur)
+        terms = [(step.alpha_next / step.alpha_cur, x)]
+        terms += [(scale * w, v) for w, v in zip(weights, reversed(hist.values), strict=False)]
+        return lincomb(terms), hist

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import data_phis, noise_phis
+from fewstep.solvers._coeffs import data_phis, lincomb, noise_phis
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
 
@@ -131,25 +131,29 @@ class _MultistepPP(Solver):
         order = multistep_order(self._max_order, len(hist.lams), step, self.lower_order_final)
         h = step.h
         big_h = (1.0 + self.eta) * h
+        a_t = step.alpha_next
         phi1, phi2, phi3 = data_phis(big_h)
-        x_next = (step.sigma_next / step.sigma_cur) * math.exp(-self.eta * h) * x - step.alpha_next * phi1 * m0
+        # Coefficients of x, m0, m1, m2 (the update is linear in them); D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1.
+        c_x = (step.sigma_next / step.sigma_cur) * math.exp(-self.eta * h)
+        c_m = [-a_t * phi1, 0.0, 0.0]
         if order >= 2:
             lam0, lam1 = hist.lams[-1], hist.lams[-2]
             r0 = (lam0 - lam1) / h
-            d1_0 = (m0 - hist.values[-2]) / r0
             if order == 2:
-                if self._midpoint:
-                    x_next = x_next - 0.5 * step.alpha_next * phi1 * d1_0
-                else:
-                    x_next = x_next + step.alpha_next * phi2 * d1_0
+                k0 = -0.5 * a_t * phi1 if self._midpoint else a_t * phi2  # coefficient of D1_0
+                k1 = 0.0
             else:
                 r1 = (lam1 - hist.lams[-3]) / h
-                d1_1 = (hist.values[-2] - hist.values[-3]) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x_next = x_next + step.alpha_next * (phi2 * d1 - self._d2_factor * phi3 * d2)
+                # D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1); x += a_t (phi2 D1 - f phi3 D2)
+                w = a_t * (phi2 * r0 - self._d2_factor * phi3) / (r0 + r1)
+                k0, k1 = a_t * phi2 + w, -w
+            c_m[0] += k0 / r0
+            c_m[1] += -k0 / r0 + (k1 / r1 if order == 3 else 0.0)
+            c_m[2] += -k1 / r1 if order == 3 else 0.0
+        terms = [(c_x, x)] + [(c, m) for c, m in zip(c_m, reversed(hist.values), strict=False)]
         if noise is not None and self.eta > 0:
-            x_next = x_next + step.sigma_next * math.sqrt(-math.expm1(-2.0 * self.eta * h)) * noise
+            terms.append((step.sigma_next * math.sqrt(-math.expm1(-2.0 * self.eta * h)), noise))
+        x_next = lincomb(terms)
         return x_next, hist
 
 

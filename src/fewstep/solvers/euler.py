@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from fewstep.solvers._coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_range
 
 __all__ = ["Euler", "EulerMaruyama", "Heun"]
@@ -76,8 +77,10 @@ class Euler(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         xbar, sbar, t_hat, alpha_hat = self._churn.apply(model.schedule, x, step, noise)  # type: ignore[attr-defined]
-        d = (xbar - model(xbar * alpha_hat, t_hat)) / sbar
-        return (xbar + (step.sbar_next - sbar) * d) * step.alpha_next, state
+        x0 = model(xbar * alpha_hat, t_hat)
+        # xbar + (sbar_next - sbar)(xbar - x0)/sbar, mapped back to the schedule's frame
+        ratio = step.sbar_next / sbar
+        return lincomb([(step.alpha_next * ratio, xbar), (step.alpha_next * (1.0 - ratio), x0)]), state
 
 
 class Heun(Solver):
@@ -114,10 +117,14 @@ class Heun(Solver):
     ) -> tuple[torch.Tensor, State]:
         xbar, sbar, t_hat, alpha_hat = self._churn.apply(model.schedule, x, step, noise)  # type: ignore[attr-defined]
         dt = step.sbar_next - sbar
-        d = (xbar - model(xbar * alpha_hat, t_hat)) / sbar
-        xbar_pred = xbar + dt * d  # Euler predictor
-        d_next = (xbar_pred - model(xbar_pred * step.alpha_next, step.t_next)) / step.sbar_next
-        return (xbar + dt * 0.5 * (d + d_next)) * step.alpha_next, state  # trapezoidal corrector
+        a = step.alpha_next
+        x0 = model(xbar * alpha_hat, t_hat)
+        # Euler predictor xbar' = xbar + dt d, d = (xbar - x0)/sbar, mapped to the schedule's frame
+        x_pred = lincomb([(a * (1.0 + dt / sbar), xbar), (-a * dt / sbar, x0)])
+        x0_pred = model(x_pred, step.t_next)
+        # trapezoidal corrector xbar + dt (d + d')/2, d' = (x_pred/a - x0_pred)/sbar_next
+        k, k_next = 0.5 * dt / sbar, 0.5 * dt / step.sbar_next
+        return lincomb([(a * (1.0 + k), xbar), (-a * k, x0), (k_next, x_pred), (-a * k_next, x0_pred)]), state
 
 
 class EulerMaruyama(Solver):
@@ -148,8 +155,9 @@ class EulerMaruyama(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         sbar, sbar_next = step.sbar_cur, step.sbar_next
-        xbar = x / step.alpha_cur
-        xbar_next = xbar + 2.0 * (sbar_next - sbar) * (xbar - model(x, step.t_cur)) / sbar
+        a = step.alpha_next
+        k = 2.0 * (sbar_next - sbar) / sbar  # drift 2 (sbar_next - sbar)(xbar - D)/sbar
+        terms = [(a * (1.0 + k) / step.alpha_cur, x), (-a * k, model(x, step.t_cur))]
         if noise is not None:
-            xbar_next = xbar_next + math.sqrt(2.0 * sbar * (sbar - sbar_next)) * noise
-        return xbar_next * step.alpha_next, state
+            terms.append((a * math.sqrt(2.0 * sbar * (sbar - sbar_next)), noise))
+        return lincomb(terms), state

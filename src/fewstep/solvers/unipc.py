@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.solvers._coeffs import data_phis, uni_rhos
+from fewstep.solvers._coeffs import data_phis, lincomb, uni_rhos
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
 
@@ -67,19 +67,23 @@ class UniPC(Solver):
         """UniP (``m_new is None``) or UniC update from ``x_s`` at ``lam_s``; ``hist`` ends with ``m0`` at ``lam_s``."""
         m0 = hist.values[-1]
         phi1, _, _ = data_phis(step_h)
-        x_t = (sigma_t / sigma_s) * x_s - alpha_t * phi1 * m0
         n_hist = order - 1
         rks = [(hist.lams[-2 - k] - lam_s) / step_h for k in range(n_hist)]
-        d1s = [(hist.values[-2 - k] - m0) / rk for k, rk in zip(range(n_hist), rks, strict=True)]
-        corrector = m_new is not None
-        if corrector:
+        values = [hist.values[-2 - k] for k in range(n_hist)]
+        if m_new is not None:  # corrector: the new value enters with r = 1
             rks.append(1.0)
-            d1s.append(m_new - m0)
-        if not d1s:
-            return x_t
-        b_h, rhos = uni_rhos(rks, step_h, order, bh2=self.variant == "bh2", data=True, corrector=corrector)
-        res = sum(rho * d for rho, d in zip(rhos, d1s, strict=True))
-        return x_t - alpha_t * b_h * res
+            values.append(m_new)
+        # x_t = (sigma_t/sigma_s) x_s - alpha_t phi1 m0 - alpha_t B(h) sum_k rho_k (m_k - m0)/r_k
+        c_m0 = -alpha_t * phi1
+        terms = [(sigma_t / sigma_s, x_s)]
+        if values:
+            b_h, rhos = uni_rhos(rks, step_h, order, bh2=self.variant == "bh2", data=True, corrector=m_new is not None)
+            for rho, rk, value in zip(rhos, rks, values, strict=True):
+                c = -alpha_t * b_h * rho / rk
+                terms.append((c, value))
+                c_m0 -= c
+        terms.append((c_m0, m0))
+        return lincomb(terms)
 
     def step(
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None

@@ -131,20 +131,27 @@ class AnalyticDenoiser(Denoiser):
         log-SNR as time; smooth and non-stiff) with torchdiffeq's dopri5 in float64, then maps back to the
         schedule's frame.
         """
+        if not t_end > 0:
+            raise ValueError("the reference ends at t_end > 0; use reference_data for t = 0")
+        s = self.schedule
+        xbar1 = self._flow(x_start / s.alpha(t_start), s.lam(t_start), s.lam(t_end), rtol, atol)
+        return (xbar1 * s.alpha(t_end)).to(x_start.dtype)
+
+    def _flow(self, xbar: torch.Tensor, lam0: float, lam1: float, rtol: float, atol: float) -> torch.Tensor:
+        """Integrate ``d xbar / d lam = D(xbar, e^-lam) - xbar`` from ``lam0`` to ``lam1`` (dopri5, float64)."""
         from torchdiffeq import odeint  # imported here: only references need it
 
-        if not t_end > 0:
-            raise ValueError("the reference ends at t_end > 0; apply the denoiser for t = 0")
-        s = self.schedule
-        lam0, lam1 = s.lam(t_start), s.lam(t_end)
-        xbar0 = x_start.to(torch.float64) / s.alpha(t_start)
-
-        def rhs(lam: torch.Tensor, xbar: torch.Tensor) -> torch.Tensor:
-            return self.data.denoise(xbar, math.exp(-float(lam))) - xbar
+        def rhs(lam: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+            return self.data.denoise(xb, math.exp(-float(lam))) - xb
 
         lams = torch.tensor([lam0, lam1], dtype=torch.float64)
-        xbar1 = odeint(rhs, xbar0, lams, rtol=rtol, atol=atol, method="dopri5")[-1]
-        return (xbar1 * s.alpha(t_end)).to(x_start.dtype)
+        return odeint(rhs, xbar.to(torch.float64), lams, rtol=rtol, atol=atol, method="dopri5")[-1]
+
+    def reference_data(self, x_start: torch.Tensor, t_start: float, *, lam_end: float = 14.0) -> torch.Tensor:
+        """The probability-flow ODE's endpoint at ``t = 0`` from ``x_start``: integrated to ``lam_end`` (edm sigma
+        ``e^-14 ~ 8e-7``) in the EDM frame, then denoised; frame-free, so it serves any schedule."""
+        xbar1 = self._flow(x_start / self.schedule.alpha(t_start), self.schedule.lam(t_start), lam_end, 1e-10, 1e-10)
+        return self.data.denoise(xbar1, math.exp(-lam_end)).to(x_start.dtype)
 
     def gaussian_flow(self, x_start: torch.Tensor, t_start: float, t_end: float) -> torch.Tensor:
         """Closed-form PF-ODE solution for a one-component mixture: each coordinate keeps its standardised
