@@ -28,7 +28,7 @@ import diffusers
 import torch
 
 from fewstep import make_solver, sample
-from fewstep.grids import logsnr
+from fewstep.grids import logsnr, make_grid
 from fewstep.models import ModelDenoiser, schedule_from_config
 from fewstep.schedules import LinearVP
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
@@ -98,6 +98,18 @@ def accuracy() -> None:
             sch = cls(**CONFIG, timestep_spacing="trailing", **extra)
             cells.append(f"{err(diffusers_loop(sch, net, x, steps)):.2e}")
         print(f"| diffusers {label} | " + " | ".join(cells) + " | |")
+
+    print("\n## Grid choice (same model and noise, error at t = 0)\n")
+    print("| solver | grid | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
+    print("|---|---" + "|---" * len(NFES) + "|")
+    for name in ("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"):
+        solver = make_solver(name)
+        for grid_name in ("logsnr", "karras", "time_uniform", "time_quadratic"):
+            cells = []
+            for nfe in NFES:
+                steps = (nfe + 1) // 2 if name == "heun" else nfe
+                cells.append(f"{err(sample(exact, solver, make_grid(grid_name, schedule, steps), x_init=x)):.2e}")
+            print(f"| `{name}` | {grid_name} | " + " | ".join(cells) + " |")
 
 
 class FixedNet(torch.nn.Module):

@@ -71,3 +71,12 @@ def test_ddim_eta_one_equals_ddpm_posterior(gmm_problem):
     a = sample(den, make_solver("ddim", eta=1.0), grid, x_init=x, seeds=range(64))
     b = sample(den, make_solver("ddpm"), grid, x_init=x, seeds=range(64))
     assert rel_err(a, b) < 1e-10
+
+
+def test_unip2_bh2_without_corrector_is_dpmpp_2m(gmm_problem):
+    """UniP-2 with B(h) = expm1(-h) and rho = 1/2 is DPM-Solver++(2M) (midpoint), term for term."""
+    den, t0, t1, x, _ = gmm_problem
+    grid = logsnr(den.schedule, 15, t_start=t0, t_end=t1)
+    a = sample(den, make_solver("unipc", order=2, variant="bh2", corrector=False), grid, x_init=x)
+    b = sample(den, make_solver("dpmpp_2m"), grid, x_init=x)
+    assert rel_err(a, b) < 1e-12
