@@ -10,7 +10,7 @@ import torch
 
 from fewstep import make_solver, sample
 from fewstep.schedules import LinearVP
-from fewstep.zoo import AnalyticDenoiser, gaussian
+from fewstep.zoo import AnalyticDenoiser, GaussianMixture, gaussian
 
 DEN = AnalyticDenoiser(gaussian(dim=4000, mean=0.3, std=0.5), LinearVP())
 
@@ -46,3 +46,17 @@ def test_other_stochastic_solvers_match_the_data_distribution(name, knobs, tol):
     fixed weak-order sequence) at 40 steps."""
     mean, var = _moments(name, knobs, 40)
     assert mean < 0.01 and var < tol, (mean, var)
+
+
+CORRELATED = AnalyticDenoiser(GaussianMixture([[-1.0, -0.5], [1.0, 0.5]], 0.3, [0.4, 0.6]), LinearVP())
+
+
+@pytest.mark.parametrize("name,knobs,steps", [("ddpm", {}, 200), ("euler_maruyama", {}, 200),
+                                              ("dpmpp_2m_sde", {}, 40), ("dpmpp_2m", {}, 40), ("unipc", {}, 40)])
+def test_mean_and_full_covariance(name, knobs, steps):
+    """2-D, two-component mixture with correlated coordinates: the sample mean and the full covariance match the
+    exact ones (Monte-Carlo standard error with 4,000 samples ~0.02 on these entries)."""
+    out = sample(CORRELATED, make_solver(name, **knobs), steps, shape=(2,), seeds=range(4000), dtype=torch.float64)
+    mean, cov = out.mean(0), torch.cov(out.T)
+    assert torch.allclose(mean, CORRELATED.data.mean(), atol=0.04), mean
+    assert torch.allclose(cov, CORRELATED.data.covariance(), atol=0.06), (cov, CORRELATED.data.covariance())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -43,20 +44,11 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     if isinstance(spec, str):
         seeds: list[int] = []
         for part in spec.split(","):
-            part = part.strip()
-            try:
-                if "-" in part[1:]:
-                    lo, hi = part.split("-", 1) if not part.startswith("-") else (None, None)
-                    a, b = int(lo), int(hi)  # type: ignore[arg-type]
-                    if b < a:
-                        raise ValueError
-                    seeds.extend(range(a, b + 1))
-                else:
-                    seeds.append(int(part))
-            except (TypeError, ValueError):
-                raise ValueError(f"bad seed range {spec!r}: expected e.g. '0-63' or '1,5,9'") from None
-        if not seeds:
-            raise ValueError(f"bad seed range {spec!r}")
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+                raise ValueError(f"bad seed range {spec!r}: expected e.g. '0-63' or '1,5,9'")
+            first = int(match[1])
+            seeds.extend(range(first, int(match[2] or first) + 1))
         return seeds
     seeds = [int(s) for s in spec]
     if not seeds:

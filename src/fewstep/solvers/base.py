@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
+from fewstep.schedules import NoiseSchedule
+
 __all__ = ["Model", "Solver", "State", "Step"]
 
-Model = Callable[[torch.Tensor, float], torch.Tensor]
+
+class Model(Protocol):
+    """The denoiser as a solver sees it: ``model(x, t) -> x0_hat`` (conditioning bound, calls counted) and the
+    schedule it lives on (for solvers that place intermediate points)."""
+
+    schedule: NoiseSchedule
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -71,13 +79,10 @@ class Step:
         return self.sigma_next / self.alpha_next
 
     @classmethod
-    def of(cls, schedule: object, index: int, count: int, t_cur: float, t_next: float) -> Step:
+    def of(cls, schedule: NoiseSchedule, index: int, count: int, t_cur: float, t_next: float) -> Step:
         s = schedule
-        return cls(
-            index, count, t_cur, t_next,
-            s.alpha(t_cur), s.sigma(t_cur), s.lam(t_cur),  # type: ignore[attr-defined]
-            s.alpha(t_next), s.sigma(t_next), s.lam(t_next),  # type: ignore[attr-defined]
-        )
+        return cls(index, count, t_cur, t_next, s.alpha(t_cur), s.sigma(t_cur), s.lam(t_cur), s.alpha(t_next),
+                   s.sigma(t_next), s.lam(t_next))
 
 
 class Solver(ABC):

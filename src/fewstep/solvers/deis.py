@@ -52,7 +52,7 @@ class DEIS(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, History)
-        sched = model.schedule  # type: ignore[attr-defined]
+        sched = model.schedule
         eps = lincomb([(1.0 / step.sigma_cur, x), (-step.alpha_cur / step.sigma_cur, model(x, step.t_cur))])
         hist = state.push(step.lam_cur, eps, self.solver_order)
         order = multistep_order(self.solver_order, len(hist.lams), step, self.lower_order_final)

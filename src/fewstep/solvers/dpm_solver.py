@@ -54,7 +54,7 @@ class DPMSolver(Solver):
     def step(
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
-        sched = model.schedule  # type: ignore[attr-defined]
+        sched = model.schedule
 
         def eps_at(xx: torch.Tensor, t: float, alpha: float, sigma: float) -> torch.Tensor:
             return (xx - alpha * model(xx, t)) / sigma

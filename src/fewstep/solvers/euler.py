@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from fewstep.schedules import NoiseSchedule
 from fewstep.solvers._coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_range
 
@@ -28,7 +29,7 @@ class _Churn:
         self.churn, self.churn_min, self.churn_max, self.s_noise = churn, churn_min, churn_max, s_noise
 
     def apply(
-        self, model_schedule: object, x: torch.Tensor, step: Step, noise: torch.Tensor | None
+        self, s: NoiseSchedule, x: torch.Tensor, step: Step, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, float, float, float]:
         """(xbar_hat, sbar_hat, t_hat, alpha_hat) after churn (no churn: the current point)."""
         sbar = step.sbar_cur
@@ -38,11 +39,10 @@ class _Churn:
             gamma = min(self.churn / step.count, math.sqrt(2.0) - 1.0)
         if gamma == 0.0 or noise is None:
             return xbar, sbar, step.t_cur, step.alpha_cur
-        s = model_schedule
-        sbar_hat = min(sbar * (1.0 + gamma), s.edm_sigma(s.t_max))  # type: ignore[attr-defined]
-        t_hat = s.inverse_lam(-math.log(sbar_hat))  # type: ignore[attr-defined]
+        sbar_hat = min(sbar * (1.0 + gamma), s.edm_sigma(s.t_max))
+        t_hat = s.inverse_lam(-math.log(sbar_hat))
         xbar_hat = xbar + math.sqrt(max(sbar_hat**2 - sbar**2, 0.0)) * self.s_noise * noise
-        return xbar_hat, sbar_hat, t_hat, s.alpha(t_hat)  # type: ignore[attr-defined]
+        return xbar_hat, sbar_hat, t_hat, s.alpha(t_hat)
 
 
 class Euler(Solver):
@@ -76,7 +76,7 @@ class Euler(Solver):
     def step(
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
-        xbar, sbar, t_hat, alpha_hat = self._churn.apply(model.schedule, x, step, noise)  # type: ignore[attr-defined]
+        xbar, sbar, t_hat, alpha_hat = self._churn.apply(model.schedule, x, step, noise)
         x0 = model(xbar * alpha_hat, t_hat)
         # xbar + (sbar_next - sbar)(xbar - x0)/sbar, mapped back to the schedule's frame
         ratio = step.sbar_next / sbar
@@ -115,7 +115,7 @@ class Heun(Solver):
     def step(
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
-        xbar, sbar, t_hat, alpha_hat = self._churn.apply(model.schedule, x, step, noise)  # type: ignore[attr-defined]
+        xbar, sbar, t_hat, alpha_hat = self._churn.apply(model.schedule, x, step, noise)
         dt = step.sbar_next - sbar
         a = step.alpha_next
         x0 = model(xbar * alpha_hat, t_hat)
