@@ -2,9 +2,13 @@
 
 Examples::
 
-    fewstep demo                       # solver errors at 5/10/20 NFE on the analytic Gaussian-mixture model
-    fewstep demo --nfe 4,8,16 --seeds 0-255 --schedule edm
+    fewstep bench --models unet_m --solvers ddim,dpmpp_2m,unipc --steps 5,10,20 --with-diffusers --report report
+    fewstep sample --model unet_m --solver dpmpp_2m --steps 10 --grid logsnr --seeds 0-63 --out grid.png
+    fewstep report --db fewstep-results.sqlite --out report
+    fewstep models                     # the shipped models and their cards
     fewstep solvers                    # name, order, NFE/step, stochastic, reference paper
+    fewstep demo                       # solver errors at 5/10/20 NFE on an analytic Gaussian mixture
+    fewstep zoo train unet_m           # retrain a shipped model (reproducible)
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -39,6 +44,12 @@ def _seeds(text: str) -> list[int]:
         return parse_seeds(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _seed_spec(text: str) -> str:
+    """A seed range kept as written (it names the noise in the results database), validated."""
+    _seeds(text)
+    return text
 
 
 def cmd_solvers(args: argparse.Namespace) -> int:
@@ -90,6 +101,106 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(items: list[str] | None) -> dict[str, object]:
+    """``["eta=1", "variant=bh1"]`` -> ``{"eta": 1, "variant": "bh1"}`` (values parsed as JSON when they can be)."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad option {item!r}: expected key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fewstep.zoo import list_models
+
+    cards = list_models()
+    if not cards:
+        print("no shipped models in this install")
+        return 0
+    print(f"{'name':12s} {'kind':11s} {'params':>9s}  {'FD (1000-step DDPM) / floor':28s} description")
+    for name, c in cards.items():
+        fd = c.get("fd_1000_step")
+        fd_txt = f"{fd:.3f} / {c['fd_floor']:.3f}" if fd is not None else "-"
+        print(f"{name:12s} {c['kind']:11s} {c['params']:>9,d}  {fd_txt:28s} {c.get('description', '')}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fewstep.bench.report import mosaic
+    from fewstep.hooks import NFECounter, ProgressBar
+    from fewstep.sample import sample
+    from fewstep.zoo import load
+
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".png"):
+        raise ValueError(f"--out must end in .png or .npz, got {out}")
+    den = load(args.model)
+    solver = make_solver(args.solver, **_options(args.option))
+    cfg = den.model.config
+    counter = NFECounter()
+    hooks = [counter] + ([ProgressBar()] if not args.quiet else [])
+    x = sample(den, solver, args.steps, shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
+               seeds=args.seeds, grid=args.grid, hooks=hooks)
+    if out.suffix == ".npz":
+        np.savez(out, samples=x.numpy(), seeds=np.array(args.seeds), nfe=counter.nfe)
+    else:
+        from PIL import Image
+
+        Image.fromarray(mosaic(x)).save(out)
+    print(f"{len(args.seeds)} samples, {counter.nfe} NFE -> {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fewstep.bench import ResultStore, run_sweep, sweep, write_report
+    from fewstep.zoo import model_path
+
+    for m in args.models:
+        model_path(m)
+    for s in args.solvers:
+        make_solver(s)
+    exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
+                 with_diffusers=args.with_diffusers)
+    store = ResultStore(args.db)
+    ran = run_sweep(exps, store, force=args.force)
+    print(f"{ran} experiments run, {len(exps) - ran} already in {store.path}")
+    if args.report:
+        print(f"report: {write_report(store, args.report)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fewstep.bench import ResultStore, write_report
+
+    if not Path(args.db).is_file():
+        raise ValueError(f"no results database at {args.db}")
+    print(f"report: {write_report(ResultStore(args.db), args.out)}")
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from fewstep.zoo.train import train
+
+    print(train(args.name, args.out, iters=args.iters))
+    return 0
+
+
+def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
+    from fewstep.zoo.train import evaluate
+
+    print(evaluate(args.name, n=args.samples))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +218,60 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     solvers = sub.add_parser("solvers", help="list the solvers: name, order, NFE/step, stochastic, paper")
     solvers.set_defaults(func=cmd_solvers)
+
+    models = sub.add_parser("models", help="list the shipped models and their cards")
+    models.set_defaults(func=cmd_models)
+
+    smp = sub.add_parser("sample", help="sample a zoo model or a diffusers folder to a PNG grid or an .npz",
+                         description="Sample a model. Example: fewstep sample --model unet_m --solver dpmpp_2m "
+                                     "--steps 10 --seeds 0-63 --out grid.png")
+    smp.add_argument("--model", required=True, help="zoo model name (see `fewstep models`) or a diffusers folder")
+    smp.add_argument("--solver", default="dpmpp_2m", help="solver name (see `fewstep solvers`)")
+    smp.add_argument("--steps", type=int, default=10, help="number of steps (10)")
+    smp.add_argument("--grid", choices=list(GRIDS), default="logsnr", help="time grid (logsnr)")
+    smp.add_argument("--seeds", type=_seeds, default=parse_seeds("0-63"), help="seed range (0-63)")
+    smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
+    smp.add_argument("--out", required=True, help="output .png (image grid) or .npz (samples)")
+    smp.add_argument("--quiet", action="store_true", help="no progress bar")
+    smp.set_defaults(func=cmd_sample)
+
+    bench = sub.add_parser("bench", help="run solvers side by side (optionally with diffusers) into a results DB",
+                           description="Run models x solvers x steps, store results (resumable), optionally report.")
+    bench.add_argument("--models", type=lambda s: s.split(","), default=["unet_m"], help="comma-separated (unet_m)")
+    bench.add_argument("--solvers", type=lambda s: s.split(","), default=["ddim", "dpmpp_2m", "unipc"],
+                       help="comma-separated fewstep solvers (ddim,dpmpp_2m,unipc)")
+    bench.add_argument("--steps", type=_int_list, default=[5, 10, 20], help="comma-separated step counts (5,10,20)")
+    bench.add_argument("--grid", choices=list(GRIDS), default="logsnr", help="fewstep time grid (logsnr)")
+    bench.add_argument("--seeds", type=_seed_spec, default="0-255", help="seed range (0-255)")
+    bench.add_argument("--with-diffusers", action="store_true", help="also run diffusers' counterpart schedulers")
+    bench.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
+    bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
+    bench.add_argument("--report", default=None, help="write the report to this folder afterwards")
+    bench.set_defaults(func=cmd_bench)
+
+    rep = sub.add_parser("report", help="Markdown table, plots and image grids from a results database")
+    rep.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
+    rep.add_argument("--out", required=True, help="output folder")
+    rep.set_defaults(func=cmd_report)
+
+    zoo = sub.add_parser("zoo", help="the model zoo")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    tr = zoo_sub.add_parser("train", help="retrain a shipped model on sklearn digits (reproducible)")
+    tr.add_argument("name", help="model name (unet_s, unet_m, unet_l, unet_v, unet_flow, classifier)")
+    tr.add_argument("--out", type=Path, default=None, help="output folder (default: the package's weights)")
+    tr.add_argument("--iters", type=int, default=None, help="training iterations (default: the model's recipe)")
+    tr.set_defaults(func=cmd_zoo_train)
+    ev = zoo_sub.add_parser("evaluate", help="FD of 1000-step sampling vs real digits, written into the model card")
+    ev.add_argument("name", help="model name")
+    ev.add_argument("--samples", type=int, default=512, help="number of samples (512)")
+    ev.set_defaults(func=cmd_zoo_evaluate)
     return parser
+
+
+def _default_db() -> Path:
+    from fewstep.bench.store import DEFAULT_DB
+
+    return DEFAULT_DB
 
 
 def main(argv: Sequence[str] | None = None) -> int:

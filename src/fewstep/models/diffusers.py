@@ -64,12 +64,13 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser
 
     Args:
         model: a diffusers model instance, or a local folder: a pipeline folder (with ``unet/`` or
-            ``transformer/`` and ``scheduler/``) or a model folder (``config.json`` + weights). Loaded with
-            ``local_files_only=True``; nothing is downloaded.
+            ``transformer/`` and ``scheduler/``) or a model folder (``config.json`` + ``.safetensors`` weights; pickled
+            ``.bin`` checkpoints are refused). Loaded with ``local_files_only=True``; nothing is downloaded.
         scheduler_or_config: a diffusers scheduler, its ``.config``, a dict, or a path to a
             ``scheduler_config.json`` or its folder. Defaults to ``scheduler/`` beside or inside the model folder.
 
     Conditioning passes through ``cond`` (e.g. ``{"encoder_hidden_states": emb}`` or ``{"class_labels": y}``).
+    The scheduler config read is kept as ``.scheduler_config``.
     """
     import diffusers  # imported here: diffusers is heavy and only this adapter needs it
 
@@ -90,7 +91,12 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser
         model_cls = getattr(diffusers, str(class_name), None)
         if model_cls is None:
             raise ValueError(f"{config_path} names unknown diffusers class {class_name!r}")
-        model = model_cls.from_pretrained(model_dir, local_files_only=True)
+        if not any(model_dir.glob("*.safetensors")):
+            raise ValueError(f"{model_dir} has no .safetensors weights (fewstep loads safetensors only, never pickles)")
+        try:
+            model = model_cls.from_pretrained(model_dir, local_files_only=True, low_cpu_mem_usage=False)
+        except Exception as err:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
+            raise ValueError(f"cannot load a {class_name} from {model_dir}: {str(err).splitlines()[0]}") from None
     if scheduler_or_config is None:
         if model_dir is None:
             raise ValueError("pass the scheduler (or its config) that the model was trained with")
@@ -114,4 +120,6 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser
     if isinstance(schedule, RectifiedFlow):
         n = int(config.get("num_train_timesteps", 1000))
         native = lambda t: t * n  # noqa: E731  (diffusers flow models take sigma * N)
-    return ModelDenoiser(model, schedule, prediction=prediction, native_time=native)
+    den = ModelDenoiser(model, schedule, prediction=prediction, native_time=native)
+    den.scheduler_config = config  # kept so diffusers' schedulers can be run as peers on the same model
+    return den

@@ -1,0 +1,114 @@
+"""``Experiment``: a frozen, serialisable description of one sampling run, and sweeps of them."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fewstep.grids import GRIDS, suggest
+from fewstep.noise import parse_seeds
+from fewstep.solvers import SOLVERS
+
+__all__ = ["BACKENDS", "Experiment", "sweep"]
+
+BACKENDS = ("fewstep", "diffusers")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One run: ``model`` (zoo name or diffusers folder) sampled by ``solver`` in ``steps`` steps on ``grid`` from
+    the noise of ``seeds``.
+
+    ``backend="diffusers"`` runs the diffusers scheduler of that name (see :data:`fewstep.bench.peers.PEERS`) on
+    the same network and starting noise, with pinned configs; ``grid`` is then diffusers' own (trailing spacing).
+    ``options`` are solver knobs (fewstep) or scheduler config overrides (diffusers).
+    """
+
+    model: str
+    solver: str
+    steps: int
+    grid: str = "logsnr"
+    seeds: str = "0-255"
+    backend: str = "fewstep"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fewstep.bench.peers import PEERS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        known = SOLVERS if self.backend == "fewstep" else PEERS
+        if self.solver not in known:
+            raise ValueError(f"unknown {self.backend} solver {self.solver!r}{suggest(self.solver, known)}; "
+                             f"known: {', '.join(known)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}{suggest(self.grid, GRIDS)}; known grids: {', '.join(GRIDS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        parse_seeds(self.seeds)
+        object.__setattr__(self, "options", dict(sorted(dict(self.options).items())))
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        name = self.solver + (f"({opts})" if opts else "")
+        return f"diffusers:{name}" if self.backend == "diffusers" else name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown experiment fields {sorted(unknown)}; expected {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Experiment:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Experiment:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+    @property
+    def key(self) -> str:
+        """Content hash of the canonical JSON: the identity of a result in the database."""
+        return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]
+
+
+def sweep(
+    models: Sequence[str],
+    solvers: Sequence[str],
+    steps: Iterable[int],
+    *,
+    grid: str = "logsnr",
+    seeds: str = "0-255",
+    with_diffusers: bool = False,
+) -> list[Experiment]:
+    """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one."""
+    from fewstep.bench.peers import counterpart
+
+    steps = list(steps)
+    out = [Experiment(m, s, n, grid, seeds) for m, s, n in itertools.product(models, solvers, steps)]
+    if with_diffusers:
+        peers = list(dict.fromkeys(p for s in solvers if (p := counterpart(s)) is not None))
+        out += [Experiment(m, p, n, grid, seeds, backend="diffusers")
+                for m, p, n in itertools.product(models, peers, steps)]
+    return out

@@ -1,0 +1,65 @@
+"""diffusers' schedulers as peers: the same network and starting noise, pinned configs, counted NFE."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["PEERS", "counterpart", "run_diffusers"]
+
+# label: (diffusers class name, pinned config overrides, fewstep solver it is compared with)
+PEERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "DDIM": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}, "ddim"),
+    "DDPM": ("DDPMScheduler", {"clip_sample": False}, "ddpm"),
+    "Euler": ("EulerDiscreteScheduler", {}, "euler"),
+    "Heun": ("HeunDiscreteScheduler", {}, "heun"),
+    "DPM++2M": ("DPMSolverMultistepScheduler", {"solver_order": 2}, "dpmpp_2m"),
+    "DPM++3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp_3m"),
+    "DPM++2M-SDE": ("DPMSolverMultistepScheduler", {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
+                    "dpmpp_2m_sde"),
+    "UniPC": ("UniPCMultistepScheduler", {"solver_order": 2}, "unipc"),
+    "DEIS": ("DEISMultistepScheduler", {"solver_order": 3}, "deis"),
+    "SA-Solver": ("SASolverScheduler", {}, "sa_solver"),
+}
+
+
+def counterpart(solver: str) -> str | None:
+    """The diffusers peer label compared with fewstep's ``solver``, if any."""
+    return next((label for label, (_, _, ours) in PEERS.items() if ours == solver), None)
+
+
+def run_diffusers(
+    label: str,
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler_config: Mapping[str, Any],
+    x_init: torch.Tensor,
+    steps: int,
+    *,
+    options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """Sample with diffusers' scheduler ``label``: ``timestep_spacing="trailing"`` plus the pinned settings of
+    :data:`PEERS` and ``options``. ``x_init`` is the starting noise in the VP frame (scaled by the scheduler's
+    ``init_noise_sigma``). Returns the samples and the counted network evaluations."""
+    import diffusers
+
+    cls_name, pinned, _ = PEERS[label]
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    config.update({"timestep_spacing": "trailing", **pinned, **dict(options or {})})
+    cls = getattr(diffusers, cls_name)
+    accepted = set(inspect.signature(cls).parameters)
+    scheduler = cls(**{k: v for k, v in config.items() if k in accepted})
+    scheduler.set_timesteps(steps)
+    x = x_init * scheduler.init_noise_sigma
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    calls = 0
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            calls += 1
+            out = net(scheduler.scale_model_input(x, t), t)
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+    return x, calls

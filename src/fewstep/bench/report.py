@@ -1,0 +1,148 @@
+"""Reports from the results database: a Markdown table, PNG plots and image grids."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewstep.bench.store import ResultStore
+from fewstep.noise import parse_seeds
+
+__all__ = ["image_grid", "mosaic", "pareto_front", "write_report"]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated in (cost, quality) when both are to be minimised, by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def mosaic(samples: torch.Tensor, *, cols: int | None = None, scale: int = 4) -> np.ndarray:
+    """Single-channel samples in [-1, 1] (``(B, 1, H, W)``) as one uint8 image: ``cols`` per row (default:
+    square), 1-pixel white gutters, upscaled ``scale`` x by pixel repetition."""
+    n = samples.shape[0]
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    imgs = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()[:, 0]
+    h, w = imgs.shape[1:]
+    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 255, np.uint8)
+    for k, img in enumerate(imgs):
+        r, c = divmod(k, cols)
+        out[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
+    return np.kron(out, np.ones((scale, scale), np.uint8))
+
+
+def image_grid(cells: dict[tuple[str, int], torch.Tensor], path: Path, *, title: str = "") -> None:
+    """One row per solver, one column per NFE, same seeds in every cell; labels drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    rows = sorted({r for r, _ in cells}, key=lambda r: (r.startswith("diffusers"), r))
+    cols = sorted({c for _, c in cells})
+    tiles = {k: mosaic(v[:8], cols=4) for k, v in cells.items()}
+    th, tw = next(iter(tiles.values())).shape
+    left, top = 170, 34
+    img = Image.new("L", (left + len(cols) * (tw + 8), top + len(rows) * (th + 8)), 255)
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill=0)
+    for j, c in enumerate(cols):
+        draw.text((left + j * (tw + 8) + tw // 2 - 18, top - 14), f"NFE {c}", fill=0)
+    for i, r in enumerate(rows):
+        draw.text((4, top + i * (th + 8) + th // 2 - 6), r[:26], fill=0)
+        for j, c in enumerate(cols):
+            if (r, c) in tiles:
+                img.paste(Image.fromarray(tiles[(r, c)]), (left + j * (tw + 8), top + i * (th + 8)))
+    img.save(path)
+
+
+def _plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str,
+          front: list[tuple[float, float]] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label, pts in sorted(series.items()):
+        pts = sorted(p for p in pts if p[1] is not None and p[1] > 0)
+        if pts:
+            style = "--" if label.startswith("diffusers") else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="k", lw=2.5, alpha=0.25, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(store: ResultStore, out_dir: str | Path) -> Path:
+    """Write ``report.md``, ``error_vs_nfe.png``, ``fd_vs_nfe.png``, ``pareto.png`` and one ``grid_<model>.png``
+    per model into ``out_dir``; returns the Markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = store.rows()
+    if not rows:
+        raise ValueError(f"no results in {store.path}; run `fewstep bench` first")
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_model[r["experiment"].model].append(r)
+    lines = ["# fewstep benchmark report", "",
+             f"Database: `{store.path}`. Error: mean per-sample RMSE at t = 0 against an adaptive dopri5 solution of "
+             "the probability-flow ODE from the same noise (rtol 1e-5). FD: Fréchet distance in the digits "
+             "classifier's features against 899 real digits; floor: the same for real digits at the same N. "
+             "Model time: seconds inside the network. Rows `diffusers:` run diffusers' schedulers on the same "
+             "network and noise (trailing spacing, pinned configs).", ""]
+    for model, mrows in by_model.items():
+        nfes = sorted({r["nfe"] for r in mrows})
+        labels = sorted({r["label"] for r in mrows}, key=lambda s: (s.startswith("diffusers"), s))
+        cell = {(r["label"], r["nfe"]): r for r in mrows}
+        floor = np.mean([r["fd_floor"] for r in mrows])
+        seeds = mrows[0]["experiment"].seeds
+        lines += [f"## {model}", "",
+                  f"Real-vs-real FD floor at N = {len(parse_seeds(seeds))} (seeds {seeds}): {floor:.3f}", "",
+                  "| solver | " + " | ".join(f"NFE {n}: error / FD" for n in nfes) + " |",
+                  "|---|" + "---|" * len(nfes)]
+        for lab in labels:
+            vals = [f"{cell[(lab, n)]['error']:.3g} / {cell[(lab, n)]['fd']:.3g}" if (lab, n) in cell else "-"
+                    for n in nfes]
+            lines.append(f"| {lab} | " + " | ".join(vals) + " |")
+        lines.append("")
+        err_series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        fd_series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        cost_series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for r in mrows:
+            err_series[r["label"]].append((r["nfe"], r["error"]))
+            fd_series[r["label"]].append((r["nfe"], r["fd"]))
+            cost_series[r["label"]].append((r["model_seconds"], r["fd"]))
+        pts = [(r["model_seconds"], r["fd"]) for r in mrows]
+        front = [pts[i] for i in pareto_front(pts)]
+        safe = "".join(c if c.isalnum() else "_" for c in model)
+        _plot(err_series, out / f"error_vs_nfe_{safe}.png", "NFE", "RMSE vs reference", f"{model}: error vs NFE")
+        _plot(fd_series, out / f"fd_vs_nfe_{safe}.png", "NFE", "FD (digits classifier)", f"{model}: FD vs NFE")
+        _plot(cost_series, out / f"pareto_{safe}.png", "model time (s)", "FD", f"{model}: quality vs model time",
+              front)
+        image_grid({(r["label"], r["nfe"]): store.samples(r["key"]) for r in mrows}, out / f"grid_{safe}.png",
+                   title=f"{model}: first 8 seeds, rows = solvers, columns = NFE")
+        frontier = ", ".join(f"{mrows[i]['label']} @ NFE {mrows[i]['nfe']}" for i in pareto_front(pts))
+        lines += [f"Pareto front (FD vs model time): {frontier}.", "",
+                  f"![error vs NFE](error_vs_nfe_{safe}.png) ![FD vs NFE](fd_vs_nfe_{safe}.png)", "",
+                  f"![Pareto](pareto_{safe}.png)", "", f"![samples](grid_{safe}.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,139 @@
+"""Run experiments, measure them, and store the results (resumable)."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fewstep.bench.experiment import Experiment
+from fewstep.bench.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
+from fewstep.bench.peers import run_diffusers
+from fewstep.bench.reference import pf_ode_reference
+from fewstep.bench.store import ResultStore
+from fewstep.grids import make_grid
+from fewstep.hooks import NFECounter
+from fewstep.models.base import Cond, Denoiser
+from fewstep.noise import SampleNoise, parse_seeds
+from fewstep.sample import sample
+from fewstep.solvers import make_solver
+
+__all__ = ["Context", "run_experiment", "run_sweep"]
+
+
+class _Timed(Denoiser):
+    """Accumulates the wall time spent inside the wrapped denoiser (the model time)."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner, self.schedule, self.seconds = inner, inner.schedule, 0.0
+
+    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.inner(x, t, cond)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class Context:
+    """Per-sweep caches: loaded models, starting noise, references (also stored in the DB) and the FD metric."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+        self._models: dict[str, Any] = {}
+        self._fd: DigitsFD | None = None
+        self._floors: dict[int, float] = {}
+
+    def model(self, name: str) -> Any:
+        if name not in self._models:
+            from fewstep.zoo import load
+
+            self._models[name] = load(name)
+        return self._models[name]
+
+    def x_init(self, exp: Experiment) -> torch.Tensor:
+        den = self.model(exp.model)
+        s = den.schedule
+        shape = (den.model.config.in_channels, den.model.config.sample_size, den.model.config.sample_size)
+        z = SampleNoise(parse_seeds(exp.seeds), shape).draw()
+        return z * math.sqrt(s.alpha(s.t_max) ** 2 + s.sigma(s.t_max) ** 2)
+
+    def reference(self, exp: Experiment) -> torch.Tensor:
+        cached = self.store.reference(exp.model, exp.seeds)
+        if cached is None:
+            den = self.model(exp.model)
+            ref, nfe = pf_ode_reference(den, self.x_init(exp), den.schedule.t_max)
+            self.store.put_reference(exp.model, exp.seeds, ref, nfe)
+            return ref
+        return cached[0]
+
+    @property
+    def fd(self) -> DigitsFD:
+        if self._fd is None:
+            self._fd = DigitsFD()
+        return self._fd
+
+    def floor(self, n: int) -> float:
+        if n not in self._floors:
+            self._floors[n] = self.fd.floor(min(n, 898))
+        return self._floors[n]
+
+
+def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch.Tensor]:
+    """Run one experiment; returns its record (NFE, error, FD, floor, SWD, times, memory) and its samples."""
+    den = ctx.model(exp.model)
+    x_init = ctx.x_init(exp)
+    timed = _Timed(den)
+    t0 = time.perf_counter()
+    if exp.backend == "fewstep":
+        counter = NFECounter()
+        solver = make_solver(exp.solver, **exp.options)
+        grid = make_grid(exp.grid, den.schedule, exp.steps)
+        out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter])
+        nfe = counter.nfe
+    else:
+        net = den.model
+
+        def timed_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t1 = time.perf_counter()
+            y = net(x, t).sample
+            timed.seconds += time.perf_counter() - t1
+            return y
+
+        config = json.loads(json.dumps(dict(den.scheduler_config)))
+        out, nfe = run_diffusers(exp.solver, timed_net, config, x_init, exp.steps, options=exp.options)
+    wall = time.perf_counter() - t0
+    ref = ctx.reference(exp)
+    real = ctx.fd.half_b
+    record = {
+        "nfe": nfe,
+        "error": float(rmse_per_sample(out, ref).mean()),
+        "fd": ctx.fd(out),
+        "fd_floor": ctx.floor(out.shape[0]),
+        "swd": sliced_wasserstein(out.clamp(-1, 1), real),
+        "model_seconds": timed.seconds,
+        "wall_seconds": wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    return record, out
+
+
+def run_sweep(
+    experiments: Sequence[Experiment], store: ResultStore, *, force: bool = False, progress: bool | None = None
+) -> int:
+    """Run every experiment not yet in ``store`` (all of them with ``force``); returns how many ran. Each result is
+    committed as soon as it is measured, so an interrupted sweep resumes where it stopped."""
+    from tqdm.auto import tqdm
+
+    todo = [e for e in experiments if force or not store.has(e)]
+    ctx = Context(store)
+    show = sys.stderr.isatty() if progress is None else progress
+    for exp in tqdm(todo, desc="experiments", disable=not show):
+        record, out = run_experiment(exp, ctx)
+        store.put(exp, record, out)
+    return len(todo)
