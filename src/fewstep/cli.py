@@ -169,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for s in args.solvers:
         make_solver(s)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
-                 with_diffusers=args.with_diffusers)
+                 with_diffusers=args.with_diffusers, peers=args.diffusers)
     store = ResultStore(args.db)
     ran = run_sweep(exps, store, force=args.force)
     print(f"{ran} experiments run, {len(exps) - ran} already in {store.path}")
@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="run solvers side by side (optionally with diffusers) into a results DB",
-                           description="Run models x solvers x steps, store results (resumable), optionally report.")
+                           description="Run models x solvers x steps, store results (resumable), optionally report.",
+                           epilog="example: fewstep bench --models unet_m --solvers ddim,dpmpp_2m,unipc "
+                                  "--steps 5,10,20 --with-diffusers --report report")
     bench.add_argument("--models", type=lambda s: s.split(","), default=["unet_m"], help="comma-separated (unet_m)")
     bench.add_argument("--solvers", type=lambda s: s.split(","), default=["ddim", "dpmpp_2m", "unipc"],
                        help="comma-separated fewstep solvers (ddim,dpmpp_2m,unipc)")
@@ -244,12 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--grid", choices=list(GRIDS), default="logsnr", help="fewstep time grid (logsnr)")
     bench.add_argument("--seeds", type=_seed_spec, default="0-255", help="seed range (0-255)")
     bench.add_argument("--with-diffusers", action="store_true", help="also run diffusers' counterpart schedulers")
+    bench.add_argument("--diffusers", type=lambda s: s.split(","), default=[],
+                       help="diffusers schedulers to run as well, by label: " + ", ".join(_peer_labels()))
     bench.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")
     bench.set_defaults(func=cmd_bench)
 
-    rep = sub.add_parser("report", help="Markdown table, plots and image grids from a results database")
+    rep = sub.add_parser("report", help="Markdown table, plots and image grids from a results database",
+                         epilog="example: fewstep report --db fewstep-results.sqlite --out report")
     rep.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
     rep.add_argument("--out", required=True, help="output folder")
     rep.set_defaults(func=cmd_report)
@@ -266,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=512, help="number of samples (512)")
     ev.set_defaults(func=cmd_zoo_evaluate)
     return parser
+
+
+def _peer_labels() -> list[str]:
+    from fewstep.bench.peers import PEERS
+
+    return list(PEERS)
 
 
 def _default_db() -> Path:

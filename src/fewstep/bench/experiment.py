@@ -101,14 +101,32 @@ def sweep(
     grid: str = "logsnr",
     seeds: str = "0-255",
     with_diffusers: bool = False,
+    peers: Sequence[str] = (),
 ) -> list[Experiment]:
-    """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one."""
-    from fewstep.bench.peers import counterpart
+    """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
+    (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``)."""
+    from fewstep.bench.peers import compatible, counterpart
 
     steps = list(steps)
     out = [Experiment(m, s, n, grid, seeds) for m, s, n in itertools.product(models, solvers, steps)]
-    if with_diffusers:
-        peers = list(dict.fromkeys(p for s in solvers if (p := counterpart(s)) is not None))
+    chosen = [p for s in solvers if (p := counterpart(s)) is not None] if with_diffusers else []
+    peers = list(dict.fromkeys([*chosen, *peers]))
+    for m in models:
+        config = _scheduler_config(m) if peers else {}
         out += [Experiment(m, p, n, grid, seeds, backend="diffusers")
-                for m, p, n in itertools.product(models, peers, steps)]
+                for p, n in itertools.product(peers, steps) if compatible(p, config)]
     return out
+
+
+def _scheduler_config(model: str) -> dict[str, Any]:
+    """The scheduler config beside a zoo model or diffusers folder (empty when there is none)."""
+    from fewstep.zoo import model_path
+
+    try:
+        folder = model_path(model)
+    except ValueError:
+        return {}
+    for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}

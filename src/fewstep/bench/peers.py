@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEERS", "counterpart", "run_diffusers"]
+__all__ = ["PEERS", "compatible", "counterpart", "run_diffusers"]
 
 # label: (diffusers class name, pinned config overrides, fewstep solver it is compared with)
 PEERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -24,6 +24,16 @@ PEERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "DEIS": ("DEISMultistepScheduler", {"solver_order": 3}, "deis"),
     "SA-Solver": ("SASolverScheduler", {}, "sa_solver"),
 }
+
+
+def _is_flow(config: Mapping[str, Any]) -> bool:
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def compatible(label: str, scheduler_config: Mapping[str, Any]) -> bool:
+    """Whether diffusers' scheduler ``label`` can drive a model trained with ``scheduler_config``: DDPM-family
+    schedulers need a beta schedule; rectified-flow models run only with ``Euler`` (``FlowMatchEulerDiscrete``)."""
+    return label == "Euler" if _is_flow(scheduler_config) else True
 
 
 def counterpart(solver: str) -> str | None:
@@ -42,11 +52,16 @@ def run_diffusers(
     seed: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """Sample with diffusers' scheduler ``label``: ``timestep_spacing="trailing"`` plus the pinned settings of
-    :data:`PEERS` and ``options``. ``x_init`` is the starting noise in the VP frame (scaled by the scheduler's
-    ``init_noise_sigma``). Returns the samples and the counted network evaluations."""
+    :data:`PEERS` and ``options`` (a rectified-flow model runs ``FlowMatchEulerDiscreteScheduler`` as "Euler").
+    ``x_init`` is the starting noise in the VP frame (scaled by the scheduler's ``init_noise_sigma``). Returns the
+    samples and the counted network evaluations."""
     import diffusers
 
+    if not compatible(label, scheduler_config):
+        raise ValueError(f"diffusers' {label} cannot drive a rectified-flow model; use Euler")
     cls_name, pinned, _ = PEERS[label]
+    if _is_flow(scheduler_config):
+        cls_name, pinned = "FlowMatchEulerDiscreteScheduler", {}
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     config.update({"timestep_spacing": "trailing", **pinned, **dict(options or {})})
     cls = getattr(diffusers, cls_name)

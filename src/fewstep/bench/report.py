@@ -91,6 +91,15 @@ def _plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str,
     plt.close(fig)
 
 
+def _slope(rows: list[dict[str, Any]]) -> str:
+    """Observed order: -d log(error) / d log(NFE) between the two largest NFE of a solver."""
+    pts = sorted((r["nfe"], r["error"]) for r in rows if r["error"] and r["error"] > 0)
+    if len(pts) < 2 or pts[-1][0] == pts[-2][0]:
+        return "-"
+    (n1, e1), (n2, e2) = pts[-2], pts[-1]
+    return f"{math.log(e1 / e2) / math.log(n2 / n1):.2f}"
+
+
 def write_report(store: ResultStore, out_dir: str | Path) -> Path:
     """Write ``report.md``, ``error_vs_nfe.png``, ``fd_vs_nfe.png``, ``pareto.png`` and one ``grid_<model>.png``
     per model into ``out_dir``; returns the Markdown path."""
@@ -107,7 +116,8 @@ def write_report(store: ResultStore, out_dir: str | Path) -> Path:
              "the probability-flow ODE from the same noise (rtol 1e-5). FD: Fréchet distance in the digits "
              "classifier's features against 899 real digits; floor: the same for real digits at the same N. "
              "Model time: seconds inside the network. Rows `diffusers:` run diffusers' schedulers on the same "
-             "network and noise (trailing spacing, pinned configs).", ""]
+             "network and noise (trailing spacing, pinned configs). Error slope: -d log(error)/d log(NFE) between "
+             "the two largest NFE run (the observed order on this model, pre-asymptotic at few steps).", ""]
     for model, mrows in by_model.items():
         nfes = sorted({r["nfe"] for r in mrows})
         labels = sorted({r["label"] for r in mrows}, key=lambda s: (s.startswith("diffusers"), s))
@@ -116,12 +126,12 @@ def write_report(store: ResultStore, out_dir: str | Path) -> Path:
         seeds = mrows[0]["experiment"].seeds
         lines += [f"## {model}", "",
                   f"Real-vs-real FD floor at N = {len(parse_seeds(seeds))} (seeds {seeds}): {floor:.3f}", "",
-                  "| solver | " + " | ".join(f"NFE {n}: error / FD" for n in nfes) + " |",
-                  "|---|" + "---|" * len(nfes)]
+                  "| solver | " + " | ".join(f"NFE {n}: error / FD" for n in nfes) + " | error slope |",
+                  "|---|" + "---|" * (len(nfes) + 1)]
         for lab in labels:
             vals = [f"{cell[(lab, n)]['error']:.3g} / {cell[(lab, n)]['fd']:.3g}" if (lab, n) in cell else "-"
                     for n in nfes]
-            lines.append(f"| {lab} | " + " | ".join(vals) + " |")
+            lines.append(f"| {lab} | " + " | ".join(vals) + f" | {_slope([r for r in mrows if r['label'] == lab])} |")
         lines.append("")
         err_series: dict[str, list[tuple[float, float]]] = defaultdict(list)
         fd_series: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -184,7 +184,8 @@ def evaluate(name: str, folder: Path | None = None, *, steps: int = 1000, n: int
     x = sample(den, solver, steps, shape=(1, 8, 8), seeds=range(100_000, 100_000 + n), grid="time_uniform",
                hooks=[ProgressBar(f"{name} {solver}-{steps}")])
     fd = DigitsFD()
-    result = {"fd_1000_step": round(fd(x), 4), "fd_floor": round(fd.floor(n), 4), "fd_samples": n,
+    result = {"schedule": repr(den.schedule), "prediction": den.prediction,
+              "fd_1000_step": round(fd(x), 4), "fd_floor": round(fd.floor(n), 4), "fd_samples": n,
               "fd_solver": f"{solver}, {steps} steps, time_uniform grid"}
     card_path = folder / "card.json"
     card = json.loads(card_path.read_text())
