@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.grids import GRIDS, karras, logsnr, time_quadratic, time_uniform
+from fewstep.grids import GRIDS, karras, logsnr, time_quadratic, time_uniform, trailing
 from fewstep.models import schedule_from_config
 from fewstep.schedules import EDM, CosineVP, DiscreteVP, LinearVP, RectifiedFlow
 
@@ -49,6 +49,10 @@ def test_discrete_vp_hits_the_table_at_integer_indices():
 @pytest.mark.parametrize("steps", [1, 2, 10])
 def test_grid_shape_and_ends(fn, to_zero, steps):
     s = LinearVP()
+    if fn is trailing and not to_zero:
+        with pytest.raises(ValueError, match="always ends at t = 0"):
+            fn(s, steps, to_zero=to_zero)
+        return
     g = fn(s, steps, to_zero=to_zero)
     assert g.dtype == torch.float64 and g.shape == (steps + 1,)
     assert g[0] == s.t_max
@@ -75,3 +79,16 @@ def test_bad_grid_bounds():
         logsnr(LinearVP(), 5, t_start=0.1, t_end=0.5)
     with pytest.raises(ValueError, match="rho"):
         karras(EDM(), 5, rho=0)
+
+
+def test_trailing_matches_diffusers_and_refuses_too_many_steps():
+    import diffusers
+
+    sched = DiscreteVP.named("linear")
+    for steps in (5, 13, 50):
+        d = diffusers.DDIMScheduler(timestep_spacing="trailing")
+        d.set_timesteps(steps)
+        ours = [round(sched.index(t)) for t in trailing(sched, steps).tolist()[:-1]]
+        assert ours == d.timesteps.tolist()
+    with pytest.raises(ValueError, match="below t_min"):
+        trailing(sched, 2000)

@@ -4,7 +4,8 @@ Every grid spaces its points between ``t_start`` (default ``schedule.t_max``) an
 ``schedule.t_min``) by its own rule. With ``to_zero=True`` (the default, like k-diffusion's and diffusers'
 ``final_sigmas_type="zero"``) the first ``steps`` points are spaced that way and a last point ``t = 0`` is
 appended: the final step denoises to clean data (``x <- x0_hat``). With ``to_zero=False`` all ``steps + 1``
-points are spaced between ``t_start`` and ``t_end``, as in the original DPM-Solver code.
+points are spaced between ``t_start`` and ``t_end``, as in the original DPM-Solver code. ``trailing`` is the
+exception: like diffusers' ``"trailing"`` spacing it spaces ``steps + 1`` points from ``t_start`` to 0 itself.
 
 Grids are registered by name in :data:`GRIDS`; :func:`make_grid` looks one up with a close-match hint.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "make_grid",
     "time_quadratic",
     "time_uniform",
+    "trailing",
     "validate_grid",
 ]
 
@@ -146,6 +148,30 @@ def karras(
     return _spaced(schedule, steps, to_zero, t_start, t_end, warp)
 
 
+def trailing(
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    to_zero: bool = True,
+    t_start: float | None = None,
+    t_end: float | None = None,
+) -> torch.Tensor:
+    """diffusers' ``"trailing"`` spacing in continuous time: ``steps + 1`` points equally spaced in ``t`` from
+    ``t_start`` down to 0 itself, so the last model evaluation is at ``t_start / steps`` rather than at ``t_min``
+    (no evaluation is spent on the almost-clean end). Always denoises to zero; needs ``t_start / steps >= t_min``.
+    """
+    steps = _check_steps(steps)
+    if not to_zero or t_end is not None:
+        raise ValueError("trailing spacing always ends at t = 0 (use time_uniform for other end points)")
+    t_start, _ = _bounds(schedule, t_start, None)
+    points = t_start * (1.0 - np.arange(steps + 1) / steps)
+    points[-1] = 0.0
+    if points[-2] < schedule.t_min * (1 - 1e-9):
+        raise ValueError(f"{steps} trailing steps put a model evaluation below t_min={schedule.t_min}; "
+                         "use fewer steps or time_uniform")
+    return torch.tensor(points, dtype=torch.float64)
+
+
 def explicit(schedule: NoiseSchedule, times: Sequence[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
     """A user-given list of times (e.g. converted from a diffusers scheduler's ``timesteps``), validated."""
     grid = torch.as_tensor(np.asarray(times, dtype=np.float64))
@@ -178,6 +204,7 @@ GRIDS: dict[str, GridFn] = {
     "time_quadratic": time_quadratic,
     "logsnr": logsnr,
     "karras": karras,
+    "trailing": trailing,
 }
 
 
