@@ -124,7 +124,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not cards:
         print("no shipped models in this install")
         return 0
-    print(f"{'name':12s} {'kind':11s} {'params':>9s}  {'FD (1000-step DDPM) / floor':28s} description")
+    print(f"{'name':12s} {'kind':11s} {'params':>9s}  {'FD (1000 steps) / floor':28s} description")
     for name, c in cards.items():
         fd = c.get("fd_1000_step")
         fd_txt = f"{fd:.3f} / {c['fd_floor']:.3f}" if fd is not None else "-"
