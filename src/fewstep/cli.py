@@ -77,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     noise = torch.randn(len(args.seeds), 16, generator=torch.Generator().manual_seed(args.seeds[0]),
                         dtype=torch.float64)
     t_start, t_end = schedule.t_max, schedule.t_min
-    x_init = noise * (schedule.alpha(t_start) ** 2 + schedule.sigma(t_start) ** 2) ** 0.5
+    x_init = noise * schedule.prior_std(t_start)
     print(f"fewstep {__version__} demo: exact Gaussian-mixture denoiser (16-D, 6 components), {schedule!r},")
     print(f"{args.grid} grid, {len(args.seeds)} samples; RMSE at t_min vs the probability-flow ODE solution")
     print("(torchdiffeq dopri5, rtol 1e-10). Lower is better; '-' = NFE not reachable by that solver.\n")

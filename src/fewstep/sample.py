@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,7 +21,8 @@ class _BoundModel:
     (optionally) checked. Created per run, so counts never leak between runs or threads."""
 
     def __init__(self, denoiser: Denoiser, cond: Cond, check: bool, hooks: Sequence[Any]) -> None:
-        self.denoiser, self.cond, self.check, self.hooks = denoiser, cond, check, hooks
+        self.denoiser, self.cond, self.check = denoiser, cond, check
+        self.on_nfe = [fn for hook in hooks if (fn := getattr(hook, "on_nfe", None)) is not None]
         self.schedule = denoiser.schedule
         self.calls = 0
         self.step_index = 0
@@ -38,10 +38,8 @@ class _BoundModel:
             # One reduction: any NaN/inf makes the sum non-finite (a finite overflow to inf also raises, rightly).
             if not bool(torch.isfinite(out.sum())):
                 raise ValueError(f"denoiser returned NaN or inf at step {self.step_index} (t={t:.6g})")
-        for hook in self.hooks:
-            fn = getattr(hook, "on_nfe", None)
-            if fn is not None:
-                fn(self.calls)
+        for fn in self.on_nfe:
+            fn(self.calls)
         return out
 
 
@@ -129,7 +127,7 @@ def sample(
     noise = SampleNoise(seed_list, sample_shape, device=device, dtype=dtype)
     if x_init is None:
         t0 = g[0]
-        x = math.sqrt(schedule.alpha(t0) ** 2 + schedule.sigma(t0) ** 2) * noise.draw()
+        x = schedule.prior_std(t0) * noise.draw()
     else:
         x = x_init.to(device=device, dtype=dtype)
 

@@ -73,6 +73,11 @@ class NoiseSchedule(ABC):
     def lam_max(self) -> float:
         return self.lam(self.t_min)
 
+    def prior_std(self, t: float) -> float:
+        """``sqrt(alpha^2 + sigma^2)``: the standard deviation of ``x_t`` for unit-variance data, used to scale the
+        starting noise (1 for VP schedules, ~sigma_max for VE)."""
+        return math.hypot(self.alpha(t), self.sigma(t))
+
     def edm_sigma(self, t: float) -> float:
         """``sigma / alpha = exp(-lam)``, the noise level in the EDM (variance-exploding) frame."""
         return math.exp(-self.lam(t)) if t > 0 else 0.0

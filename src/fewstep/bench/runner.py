@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 import time
@@ -61,7 +60,7 @@ class Context:
         s = den.schedule
         shape = (den.model.config.in_channels, den.model.config.sample_size, den.model.config.sample_size)
         z = SampleNoise(parse_seeds(exp.seeds), shape).draw()
-        return z * math.sqrt(s.alpha(s.t_max) ** 2 + s.sigma(s.t_max) ** 2)
+        return z * s.prior_std(s.t_max)
 
     def reference(self, exp: Experiment) -> torch.Tensor:
         cached = self.store.reference(exp.model, exp.seeds)
