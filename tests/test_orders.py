@@ -41,6 +41,21 @@ CASES = {
     "deis_rho_3": ("deis", {"order": 3, "interpolate_in": "rho", "lower_order_final": False}),
     "ipndm_4": ("ipndm", {"order": 4}),
     "ipndm_3": ("ipndm", {"order": 3}),
+    "sa_solver_p3_c4_tau0": ("sa_solver", {"tau": 0.0, "lower_order_final": False}),
+    "sa_solver_p2_c2_tau0": ("sa_solver", {"predictor_order": 2, "corrector_order": 2, "tau": 0.0,
+                                           "lower_order_final": False}),
+    "sa_solver_p2_no_corrector_tau0": ("sa_solver", {"predictor_order": 2, "corrector_order": 0, "tau": 0.0,
+                                                     "lower_order_final": False}),
+    "hb_dpmpp_beta08": ("hb", {"beta": 0.8, "lower_order_final": False}),
+    "hb_dpmpp_beta1": ("hb", {"beta": 1.0, "lower_order_final": False}),
+    "hb_plms4_beta08": ("hb", {"beta": 0.8, "base": "plms", "order": 4}),
+    "ghvb_1.5": ("ghvb", {"order": 2, "beta": 0.5}),
+    "ghvb_2.8": ("ghvb", {"order": 3, "beta": 0.8}),
+    "f_ddim": ("f_ddim", {}),
+    "f_dpmsolver_2": ("f_dpmsolver", {}),
+    "evodiff": ("evodiff", {"lower_order_final": False}),
+    "bdia_gamma1": ("bdia", {"gamma": 1.0}),
+    "bdia_gamma05": ("bdia", {"gamma": 0.5}),
 }
 
 

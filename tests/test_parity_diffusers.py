@@ -99,3 +99,43 @@ def test_parity_ddpm_same_noise(steps, monkeypatch):
     monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: source.draw())
     theirs = _run_diffusers(scheduler, net, x_t, steps, 1.0, False)
     assert rel_err(ours, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize(("p", "c"), [(1, 1), (2, 2), (3, 3), (3, 4)])
+def test_parity_sa_solver_ode(steps, p, c):
+    """tau = 0 (diffusers: ``tau_func=lambda t: 0``). diffusers ends at sigma(t_min) without a final denoise and
+    always applies the order-2 rescaling (our ``modified_order2=True``)."""
+    schedule, net, den = _setup("epsilon")
+    scheduler = diffusers.SASolverScheduler(**CONFIG, timestep_spacing="trailing", predictor_order=p,
+                                            corrector_order=c, tau_func=lambda t: 0)
+    scheduler.set_timesteps(steps)
+    grid = _grid(schedule, scheduler, schedule.t_min)
+    x_t = torch.randn(6, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ours = sample(den, make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=0.0), grid, x_init=x_t)
+    theirs = _run_diffusers(scheduler, net, x_t, steps, 1.0, False)
+    assert rel_err(ours, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize(("p", "c"), [(2, 2), (3, 4)])
+def test_parity_sa_solver_sde_same_noise(steps, p, c, monkeypatch):
+    """tau = 1 on every step, the same noise draws (diffusers' randn replaced by our per-sample source)."""
+    schedule, net, den = _setup("epsilon")
+    scheduler = diffusers.SASolverScheduler(**CONFIG, timestep_spacing="trailing", predictor_order=p,
+                                            corrector_order=c, tau_func=lambda t: 1)
+    scheduler.set_timesteps(steps)
+    grid = _grid(schedule, scheduler, schedule.t_min)
+    seeds = list(range(6))
+    solver = make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=1.0, tau_window=(0.0, 1.0))
+    ours = sample(den, solver, grid, shape=(16,), seeds=seeds, dtype=torch.float64)
+
+    from fewstep.noise import SampleNoise
+
+    source = SampleNoise(seeds, (16,), dtype=torch.float64)
+    x_t = source.draw()
+    import diffusers.schedulers.scheduling_sasolver as sa_module
+
+    monkeypatch.setattr(sa_module, "randn_tensor", lambda *a, **k: source.draw())
+    theirs = _run_diffusers(scheduler, net, x_t, steps, 1.0, False)
+    assert rel_err(ours, theirs) <= 1e-4

@@ -24,7 +24,7 @@ def test_exact_nfe(name, steps, to_zero):
     counter = NFECounter()
     sample(DEN, solver, logsnr(SCHED, steps, to_zero=to_zero), shape=(6,), seeds=range(3), hooks=[counter])
     assert counter.nfe == solver.nfe(steps, to_zero=to_zero)
-    expected_per_step = [solver.nfe_per_step] * (steps - 1) + [1 if to_zero else solver.nfe_per_step]
+    expected_per_step = solver.nfe_schedule(steps, to_zero=to_zero)
     assert counter.per_step == expected_per_step
 
 

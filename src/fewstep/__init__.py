@@ -1,6 +1,7 @@
 """fewstep: fast training-free sampling for pretrained diffusion models."""
 
 from fewstep import grids, schedules
+from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.hooks import NFECounter, ProgressBar, Timer, TrajectoryRecorder
 from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
 from fewstep.sample import sample
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SOLVERS",
     "ClassifierFreeGuidance",
+    "Inversion",
     "Denoiser",
     "ModelDenoiser",
     "NFECounter",
@@ -20,7 +22,9 @@ __all__ = [
     "TrajectoryRecorder",
     "from_diffusers",
     "grids",
+    "invert",
     "make_solver",
+    "regenerate",
     "sample",
     "schedules",
 ]

@@ -20,8 +20,9 @@ class _BoundModel:
     """The denoiser as solvers see it: ``model(x, t) -> x0_hat`` with ``cond`` bound, every call counted and
     (optionally) checked. Created per run, so counts never leak between runs or threads."""
 
-    def __init__(self, denoiser: Denoiser, cond: Cond, check: bool, hooks: Sequence[Any]) -> None:
-        self.denoiser, self.cond, self.check = denoiser, cond, check
+    def __init__(self, denoiser: Denoiser, cond: Cond, check: bool, hooks: Sequence[Any],
+                 noise: SampleNoise | None = None) -> None:
+        self.denoiser, self.cond, self.check, self.noise = denoiser, cond, check, noise
         self.on_nfe = [fn for hook in hooks if (fn := getattr(hook, "on_nfe", None)) is not None]
         self.schedule = denoiser.schedule
         self.calls = 0
@@ -131,21 +132,30 @@ def sample(
     else:
         x = x_init.to(device=device, dtype=dtype)
 
-    model = _BoundModel(denoiser, cond, check, hooks)
-    steps = [Step.of(schedule, i, count, g[i], g[i + 1]) for i in range(count - int(to_zero))]
+    model = _BoundModel(denoiser, cond, check, hooks, noise)
+    steps = [Step.of(schedule, i, count, g[i], g[i + 1], to_zero=to_zero) for i in range(count - int(to_zero))]
+    return integrate(model, solver, steps, x, solver.init(x), times, hooks)
+
+
+def integrate(
+    model: _BoundModel, solver: Solver, steps: Sequence[Step], x: torch.Tensor, state: Any, times: torch.Tensor,
+    hooks: Sequence[Any],
+) -> torch.Tensor:
+    """The loop itself, from ``x`` and solver ``state`` over ``steps`` (then the denoise-to-zero step if the
+    grid ends at 0). Shared by :func:`sample` and :func:`fewstep.regenerate` (which resumes mid-grid)."""
+    g = times.tolist()
     _fire(hooks, "on_start", times)
     _fire(hooks, "on_begin", x)
-    state = solver.init(x)
     stochastic = solver.stochastic
     with torch.no_grad():
         for step in steps:
             model.step_index = step.index
-            x, state = solver.step(model, x, step, state, noise.draw() if stochastic else None)
+            x, state = solver.step(model, x, step, state, model.noise.draw() if stochastic else None)
             _fire(hooks, "on_step", step.index, step.t_next, x)
-        if to_zero:
+        if g[-1] == 0.0:
             # Denoise to zero: the common limit of every solver's last step onto sigma = 0.
-            model.step_index = count - 1
+            model.step_index = len(g) - 2
             x = model(x, g[-2])
-            _fire(hooks, "on_step", count - 1, 0.0, x)
+            _fire(hooks, "on_step", len(g) - 2, 0.0, x)
     _fire(hooks, "on_end", x)
     return x

@@ -11,6 +11,7 @@ from typing import Any
 
 from fewstep.grids import suggest
 from fewstep.solvers.base import Model, Solver, State, Step
+from fewstep.solvers.bdia import BDIA
 from fewstep.solvers.ddim import DDIM, DDPM
 from fewstep.solvers.deis import DEIS, IPNDM
 from fewstep.solvers.dpm_solver import (
@@ -22,11 +23,15 @@ from fewstep.solvers.dpm_solver import (
     DPMSolverPP3MSDE,
 )
 from fewstep.solvers.euler import Euler, EulerMaruyama, Heun
+from fewstep.solvers.evodiff import EVODiff
+from fewstep.solvers.forward_value import ForwardValue
+from fewstep.solvers.momentum import GHVB, HeavyBall
+from fewstep.solvers.sa_solver import SASolver
 from fewstep.solvers.unipc import UniPC
 
 __all__ = [
-    "DDIM", "DDPM", "DEIS", "IPNDM", "SOLVERS", "DPMSolver", "DPMSolverPP2M", "DPMSolverPP2MSDE", "DPMSolverPP3M",
-    "DPMSolverPP3MCompat", "DPMSolverPP3MSDE", "Euler", "EulerMaruyama", "Heun", "Model", "Solver", "State",
+    "BDIA", "DDIM", "DDPM", "DEIS", "IPNDM", "SOLVERS", "DPMSolver", "DPMSolverPP2M", "DPMSolverPP2MSDE", "DPMSolverPP3M",
+    "DPMSolverPP3MCompat", "DPMSolverPP3MSDE", "EVODiff", "Euler", "EulerMaruyama", "ForwardValue", "GHVB", "HeavyBall", "Heun", "Model", "SASolver", "Solver", "State",
     "Step", "UniPC", "make_solver",
 ]
 
@@ -47,6 +52,13 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "unipc": UniPC,
     "deis": DEIS,
     "ipndm": IPNDM,
+    "sa_solver": SASolver,
+    "hb": HeavyBall,
+    "ghvb": GHVB,
+    "f_ddim": partial(ForwardValue, order=1),
+    "f_dpmsolver": partial(ForwardValue, order=2),
+    "evodiff": EVODiff,
+    "bdia": BDIA,
 }
 
 

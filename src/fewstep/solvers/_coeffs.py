@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["data_phis", "lagrange_integrals", "lincomb", "noise_phis", "uni_rhos"]
+__all__ = ["data_phis", "exp_lagrange_integrals", "lagrange_integrals", "lincomb", "noise_phis", "uni_rhos"]
 
 
 def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
@@ -67,6 +67,27 @@ def lagrange_integrals(
         for k, uk in enumerate(nodes):
             if k != j:
                 basis *= (us - uk) / (uj - uk)
+        out.append(float(half * np.dot(_GL_WEIGHTS, basis)))
+    return out
+
+
+def exp_lagrange_integrals(nodes: Sequence[float], rate: float, lam_a: float, lam_b: float) -> list[float]:
+    """``int_{lam_a}^{lam_b} e^{rate (lam - lam_b)} l_j(lam) dlam`` for the Lagrange basis ``l_j`` on ``nodes``.
+
+    The weights of exponential Adams methods in ``lam``: ``rate = 1 + tau^2`` gives the data-prediction
+    SA-Solver and DPM-Solver++ integrals (``rate = 1``), ``rate = -1`` the noise-prediction ones. Normalised at
+    ``lam_b`` so the weight is O(1) whatever the sign of the step. 48-point Gauss-Legendre: exact to round-off
+    for the polynomial-times-exponential integrands of steps with ``|rate h| < 10``.
+    """
+    mid, half = 0.5 * (lam_a + lam_b), 0.5 * (lam_b - lam_a)
+    lams = mid + half * _GL_NODES
+    weight = np.exp(rate * (lams - lam_b))
+    out = []
+    for j, lj in enumerate(nodes):
+        basis = weight.copy()
+        for k, lk in enumerate(nodes):
+            if k != j:
+                basis *= (lams - lk) / (lj - lk)
         out.append(float(half * np.dot(_GL_WEIGHTS, basis)))
     return out
 

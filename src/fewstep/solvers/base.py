@@ -58,6 +58,7 @@ class Step:
     alpha_next: float
     sigma_next: float
     lam_next: float
+    to_zero: bool = False  # the grid ends with a denoise-to-zero step (taken by ``sample()``, not the solver)
 
     @property
     def h(self) -> float:
@@ -70,6 +71,11 @@ class Step:
         return self.count - self.index
 
     @property
+    def last(self) -> bool:
+        """Whether this is the last step the solver takes (the denoise-to-zero step, if any, follows it)."""
+        return self.remaining == (2 if self.to_zero else 1)
+
+    @property
     def sbar_cur(self) -> float:
         """EDM-frame noise level ``sigma / alpha`` at ``t_cur``."""
         return self.sigma_cur / self.alpha_cur
@@ -79,10 +85,11 @@ class Step:
         return self.sigma_next / self.alpha_next
 
     @classmethod
-    def of(cls, schedule: NoiseSchedule, index: int, count: int, t_cur: float, t_next: float) -> Step:
+    def of(cls, schedule: NoiseSchedule, index: int, count: int, t_cur: float, t_next: float, *,
+           to_zero: bool = False) -> Step:
         s = schedule
         return cls(index, count, t_cur, t_next, s.alpha(t_cur), s.sigma(t_cur), s.lam(t_cur), s.alpha(t_next),
-                   s.sigma(t_next), s.lam(t_next))
+                   s.sigma(t_next), s.lam(t_next), to_zero)
 
 
 class Solver(ABC):
@@ -117,9 +124,14 @@ class Solver(ABC):
     ) -> tuple[torch.Tensor, State]:
         """Advance ``x`` from ``step.t_cur`` to ``step.t_next``."""
 
+    def nfe_schedule(self, steps: int, *, to_zero: bool) -> list[int]:
+        """Exact network evaluations of each step of a ``steps``-step grid (``to_zero``: the last step lands on 0
+        and costs one evaluation)."""
+        return [self.nfe_per_step] * (steps - 1) + [1 if to_zero else self.nfe_per_step]
+
     def nfe(self, steps: int, *, to_zero: bool) -> int:
         """Exact network evaluations for a grid of ``steps`` steps (``to_zero``: the last step lands on 0)."""
-        return (steps - 1) * self.nfe_per_step + 1 if to_zero else steps * self.nfe_per_step
+        return sum(self.nfe_schedule(steps, to_zero=to_zero))
 
     def __repr__(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -44,7 +44,7 @@ class DDIM(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         x0 = model(x, step.t_cur)
-        s = self.eta * step.sigma_next * math.sqrt(-math.expm1(-2.0 * step.h))
+        s = self.eta * step.sigma_next * math.sqrt(-math.expm1(-2.0 * step.h)) if self.eta > 0 else 0.0
         c = math.sqrt(max(step.sigma_next**2 - s * s, 0.0))
         # alpha_next x0 + c eps with eps = (x - alpha x0)/sigma, as one combination of x and x0
         terms = [(c / step.sigma_cur, x), (step.alpha_next - c * step.alpha_cur / step.sigma_cur, x0)]
