@@ -1,8 +1,8 @@
 """fewstep: fast training-free sampling for pretrained diffusion models."""
 
 from fewstep import grids, schedules
-from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.hooks import NFECounter, ProgressBar, Timer, TrajectoryRecorder
+from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
 from fewstep.sample import sample
 from fewstep.solvers import SOLVERS, Solver, make_solver

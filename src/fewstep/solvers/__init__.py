@@ -30,9 +30,9 @@ from fewstep.solvers.sa_solver import SASolver
 from fewstep.solvers.unipc import UniPC
 
 __all__ = [
-    "BDIA", "DDIM", "DDPM", "DEIS", "IPNDM", "SOLVERS", "DPMSolver", "DPMSolverPP2M", "DPMSolverPP2MSDE", "DPMSolverPP3M",
-    "DPMSolverPP3MCompat", "DPMSolverPP3MSDE", "EVODiff", "Euler", "EulerMaruyama", "ForwardValue", "GHVB", "HeavyBall", "Heun", "Model", "SASolver", "Solver", "State",
-    "Step", "UniPC", "make_solver",
+    "BDIA", "DDIM", "DDPM", "DEIS", "IPNDM", "SOLVERS", "DPMSolver", "DPMSolverPP2M", "DPMSolverPP2MSDE",
+    "DPMSolverPP3M", "DPMSolverPP3MCompat", "DPMSolverPP3MSDE", "EVODiff", "Euler", "EulerMaruyama", "ForwardValue",
+    "GHVB", "HeavyBall", "Heun", "Model", "SASolver", "Solver", "State", "Step", "UniPC", "make_solver",
 ]
 
 SOLVERS: dict[str, Callable[..., Solver]] = {
