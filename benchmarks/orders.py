@@ -29,6 +29,13 @@ CASES = [
     ("deis", {"order": 2, "lower_order_final": False}), ("deis", {"order": 3, "lower_order_final": False}),
     ("deis", {"order": 3, "interpolate_in": "logrho", "lower_order_final": False}),
     ("ipndm", {}),
+    ("sa_solver", {"predictor_order": 3, "corrector_order": 4, "tau": 0.0, "lower_order_final": False}),
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 3, "tau": 0.0, "lower_order_final": False}),
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 0, "tau": 0.0, "lower_order_final": False}),
+    ("hb", {"beta": 0.8, "lower_order_final": False}), ("hb", {"beta": 0.8, "base": "plms", "order": 4}),
+    ("ghvb", {"order": 2, "beta": 0.5}), ("ghvb", {"order": 3, "beta": 0.8}), ("ghvb", {"order": 4, "beta": 0.8}),
+    ("f_ddim", {}), ("f_dpmsolver", {}), ("evodiff", {"lower_order_final": False}),
+    ("bdia", {"gamma": 1.0}), ("bdia", {"gamma": 0.5}),
 ]
 
 

@@ -105,14 +105,15 @@ def test_parity_ddpm_same_noise(steps, monkeypatch):
 @pytest.mark.parametrize(("p", "c"), [(1, 1), (2, 2), (3, 3), (3, 4)])
 def test_parity_sa_solver_ode(steps, p, c):
     """tau = 0 (diffusers: ``tau_func=lambda t: 0``). diffusers ends at sigma(t_min) without a final denoise and
-    always applies the order-2 rescaling (our ``modified_order2=True``)."""
+    always applies the order-2 rescaling (our ``modified_order2=True``, off by default)."""
     schedule, net, den = _setup("epsilon")
     scheduler = diffusers.SASolverScheduler(**CONFIG, timestep_spacing="trailing", predictor_order=p,
                                             corrector_order=c, tau_func=lambda t: 0)
     scheduler.set_timesteps(steps)
     grid = _grid(schedule, scheduler, schedule.t_min)
     x_t = torch.randn(6, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    ours = sample(den, make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=0.0), grid, x_init=x_t)
+    solver = make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=0.0, modified_order2=True)
+    ours = sample(den, solver, grid, x_init=x_t)
     theirs = _run_diffusers(scheduler, net, x_t, steps, 1.0, False)
     assert rel_err(ours, theirs) <= 1e-4
 
@@ -127,7 +128,8 @@ def test_parity_sa_solver_sde_same_noise(steps, p, c, monkeypatch):
     scheduler.set_timesteps(steps)
     grid = _grid(schedule, scheduler, schedule.t_min)
     seeds = list(range(6))
-    solver = make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=1.0, tau_window=(0.0, 1.0))
+    solver = make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=1.0, tau_window=(0.0, 1.0),
+                         modified_order2=True)
     ours = sample(den, solver, grid, shape=(16,), seeds=seeds, dtype=torch.float64)
 
     from fewstep.noise import SampleNoise

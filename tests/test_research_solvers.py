@@ -39,7 +39,8 @@ def test_sa_solver_tau_window_decides_stochasticity():
     assert not make_solver("sa_solver", tau=0.0).stochastic
     assert not make_solver("sa_solver", tau=1.0, tau_window=(0.5, 0.5)).stochastic
     assert make_solver("sa_solver").stochastic and make_solver("sa_solver").order == 1
-    assert make_solver("sa_solver", tau=0.0).order == 4
+    assert make_solver("sa_solver", tau=0.0).order == 2
+    assert make_solver("sa_solver", predictor_order=3, corrector_order=4, tau=0.0).order == 4
 
 
 def test_sa_solver_tau1_matches_the_data_distribution():

@@ -24,6 +24,7 @@ from fewstep import __version__
 from fewstep.grids import GRIDS
 from fewstep.noise import parse_seeds
 from fewstep.solvers import SOLVERS, make_solver
+from fewstep.spec import parse_options, parse_spec
 
 DEMO_SOLVERS = ["ddim", "euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_compat",
                 "unipc", "deis", "ipndm"]
@@ -103,18 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _options(items: list[str] | None) -> dict[str, object]:
     """``["eta=1", "variant=bh1"]`` -> ``{"eta": 1, "variant": "bh1"}`` (values parsed as JSON when they can be)."""
-    import json
-
-    out: dict[str, object] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"bad option {item!r}: expected key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    return parse_options(items or [])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -167,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for m in args.models:
         model_path(m)
     for s in args.solvers:
-        make_solver(s)
+        name, opts = parse_spec(s)
+        make_solver(name, **opts)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
                  with_diffusers=args.with_diffusers, peers=args.diffusers)
     store = ResultStore(args.db)
@@ -241,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "--steps 5,10,20 --with-diffusers --report report")
     bench.add_argument("--models", type=lambda s: s.split(","), default=["unet_m"], help="comma-separated (unet_m)")
     bench.add_argument("--solvers", type=lambda s: s.split(","), default=["ddim", "dpmpp_2m", "unipc"],
-                       help="comma-separated fewstep solvers (ddim,dpmpp_2m,unipc)")
+                       help="comma-separated fewstep solvers, each optionally with knobs as name:key=value "
+                            "(ddim,dpmpp_2m,unipc; e.g. sa_solver:tau=0:predictor_order=3)")
     bench.add_argument("--steps", type=_int_list, default=[5, 10, 20], help="comma-separated step counts (5,10,20)")
     bench.add_argument("--grid", choices=list(GRIDS), default="time_quadratic",
                        help="fewstep time grid (time_quadratic: the most accurate at 10-20 NFE on the zoo models)")

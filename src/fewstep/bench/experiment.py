@@ -104,12 +104,16 @@ def sweep(
     peers: Sequence[str] = (),
 ) -> list[Experiment]:
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
-    (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``)."""
+    (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
+    knobs as a spec, ``"sa_solver:tau=0:predictor_order=3"``."""
     from fewstep.bench.peers import compatible, counterpart
+    from fewstep.spec import parse_spec
 
     steps = list(steps)
-    out = [Experiment(m, s, n, grid, seeds) for m, s, n in itertools.product(models, solvers, steps)]
-    chosen = [p for s in solvers if (p := counterpart(s)) is not None] if with_diffusers else []
+    specs = [parse_spec(s) for s in solvers]
+    out = [Experiment(m, name, n, grid, seeds, options=opts)
+           for m, (name, opts), n in itertools.product(models, specs, steps)]
+    chosen = [p for name, _ in specs if (p := counterpart(name)) is not None] if with_diffusers else []
     peers = list(dict.fromkeys([*chosen, *peers]))
     for m in models:
         config = _scheduler_config(m) if peers else {}

@@ -42,8 +42,9 @@ class BDIA(Solver):
     ``gamma = 1`` (default) is the symmetric, leapfrog-like scheme: **order 2** (measured) and neutrally stable
     backwards, so the round trip is exact to ~1e-12 at any step count. ``gamma < 1`` (the paper's Stable Diffusion
     examples use 0.5) is order 1 and its backward recursion amplifies a parasitic mode by ~``1/gamma`` per step:
-    exact in exact arithmetic, but the latent blows up (``gamma = 0.9``: std 4.6e4 after 200 steps; ``0.5``:
-    round trip 1.4e-7 at 50 steps, overflow at 200). Use ``gamma < 1`` for few steps only. 1 NFE per step.
+    exact in exact arithmetic, but the latent blows up (``gamma = 0.5``: latent std 1e9 after 50 steps, overflow by
+    1000; ``gamma = 0.9``: std 136 after 200 steps; table in docs/results.md). Use ``gamma < 1`` for few steps
+    only. 1 NFE per step.
 
     References: *Exact Diffusion Inversion via Bi-directional Integration Approximation* (Zhang, Lewis, Kleijn,
     ECCV 2024).
