@@ -1,7 +1,7 @@
 """fewstep: fast training-free sampling for pretrained diffusion models."""
 
 from fewstep import grids, schedules
-from fewstep.hooks import NFECounter, ProgressBar, Timer, TrajectoryRecorder
+from fewstep.hooks import CostMeter, NFECounter, ProgressBar, Timer, TrajectoryRecorder
 from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
 from fewstep.sample import sample
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SOLVERS",
     "ClassifierFreeGuidance",
+    "CostMeter",
     "Inversion",
     "Denoiser",
     "ModelDenoiser",

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-__all__ = ["NFECounter", "ProgressBar", "Timer", "TrajectoryRecorder"]
+__all__ = ["CostMeter", "NFECounter", "ProgressBar", "Timer", "TrajectoryRecorder"]
 
 
 class ProgressBar:
@@ -83,3 +83,22 @@ class Timer:
 
     def on_end(self, x: torch.Tensor) -> None:
         self.seconds = time.perf_counter() - self._t0
+
+
+class CostMeter:
+    """Model compute of the last run in units of one evaluation of the reference (most expensive) network, as
+    reported by cost-aware denoisers (:class:`~fewstep.multilevel.Multilevel`, :class:`~fewstep.multilevel.Stitch`)
+    through ``on_cost(units, level_evaluations)``; ``evaluations[l]`` counts sample-evaluations of level ``l``.
+    A plain denoiser reports nothing: its cost is the NFE."""
+
+    def __init__(self) -> None:
+        self.cost = 0.0
+        self.evaluations: dict[int, int] = {}
+
+    def on_start(self, grid: torch.Tensor) -> None:
+        self.cost, self.evaluations = 0.0, {}
+
+    def on_cost(self, units: float, level_evaluations: dict[int, int]) -> None:
+        self.cost += units
+        for level, n in level_evaluations.items():
+            self.evaluations[level] = self.evaluations.get(level, 0) + n

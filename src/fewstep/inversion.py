@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fewstep.grids import explicit, make_grid
-from fewstep.models.base import Cond, Denoiser
+from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.sample import _BoundModel, integrate
 from fewstep.solvers import Solver, State, Step, make_solver
 from fewstep.solvers.bdia import BDIA, BDIAState
@@ -88,7 +88,8 @@ def invert(
     g = times.tolist()
     n = len(g) - 1
     sched = denoiser.schedule
-    model = _BoundModel(denoiser, cond, check, hooks)
+    run = Run(tuple(range(x0.shape[0])), tuple(reversed(g)), tuple(hooks))
+    model = _BoundModel(denoiser.for_run(run), cond, check, hooks)
     # Reversed steps: from g[n - i] (cleaner) to g[n - i - 1] (noisier); h < 0.
     back = [Step.of(sched, i, n, g[n - i], g[n - i - 1]) for i in range(n)]
     x = x0.clone()
@@ -123,5 +124,6 @@ def regenerate(
     n = len(g) - 1
     sched = denoiser.schedule
     steps = [Step.of(sched, i, n, g[i], g[i + 1]) for i in range(inversion.start_index, n)]
-    model = _BoundModel(denoiser, cond, check, hooks)
+    run = Run(tuple(range(inversion.x_T.shape[0])), tuple(g), tuple(hooks))
+    model = _BoundModel(denoiser.for_run(run), cond, check, hooks)
     return integrate(model, inversion.solver, steps, inversion.start, inversion.state, inversion.times, hooks)

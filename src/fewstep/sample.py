@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fewstep.grids import explicit, make_grid
-from fewstep.models.base import Cond, Denoiser
+from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.solvers import Solver, Step, make_solver
 
@@ -132,7 +132,8 @@ def sample(
     else:
         x = x_init.to(device=device, dtype=dtype)
 
-    model = _BoundModel(denoiser, cond, check, hooks, noise)
+    run = Run(tuple(seed_list), tuple(g), tuple(hooks))
+    model = _BoundModel(denoiser.for_run(run), cond, check, hooks, noise)
     steps = [Step.of(schedule, i, count, g[i], g[i + 1], to_zero=to_zero) for i in range(count - int(to_zero))]
     return integrate(model, solver, steps, x, solver.init(x), times, hooks)
 

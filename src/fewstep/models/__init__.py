@@ -1,7 +1,7 @@
 """Denoisers: pretrained networks adapted to ``x0_hat = denoiser(x, t, cond)``, and wrappers around them."""
 
 from fewstep.models.adapter import PREDICTIONS, ModelDenoiser, native_time_default
-from fewstep.models.base import Cond, Denoiser
+from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.models.diffusers import from_diffusers, schedule_from_config
 from fewstep.models.guidance import ClassifierFreeGuidance
 
@@ -11,6 +11,7 @@ __all__ = [
     "Cond",
     "Denoiser",
     "ModelDenoiser",
+    "Run",
     "from_diffusers",
     "native_time_default",
     "schedule_from_config",

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fewstep.schedules import NoiseSchedule
 
-__all__ = ["Cond", "Denoiser"]
+__all__ = ["Cond", "Denoiser", "Run"]
 
 Cond = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run tells the denoisers it binds (``Denoiser.for_run``): the per-sample ``seeds``, the time grid,
+    and the run's hooks (wrappers report their model cost or cache hits to hooks with ``on_cost`` /
+    ``on_cache``)."""
+
+    seeds: tuple[int, ...]
+    times: tuple[float, ...]
+    hooks: tuple[Any, ...] = ()
+
+    def step_of(self, t: float) -> int:
+        """Index of grid time ``t`` (the step that starts at ``t``); nearest grid time for off-grid ``t``."""
+        return min(range(len(self.times)), key=lambda i: abs(self.times[i] - t))
+
+    def report(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            fn = getattr(hook, event, None)
+            if fn is not None:
+                fn(*args)
 
 
 class Denoiser(ABC):
@@ -36,3 +58,9 @@ class Denoiser(ABC):
     @abstractmethod
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         """Return ``x0_hat`` with the shape and dtype of ``x``."""
+
+    def for_run(self, run: Run) -> Denoiser:
+        """The denoiser one run uses. Stateless denoisers return themselves; wrappers with per-run state (caches,
+        random level draws) return a fresh bound copy, so state never leaks between runs or threads.
+        ``sample()`` calls this once per run."""
+        return self

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.models.base import Cond, Denoiser
+from fewstep.models.base import Cond, Denoiser, Run
 
 __all__ = ["ClassifierFreeGuidance"]
 
@@ -24,6 +24,10 @@ class ClassifierFreeGuidance(Denoiser):
         self.scale = float(scale)
         self.uncond = uncond
         self.schedule = inner.schedule
+
+    def for_run(self, run: Run) -> Denoiser:
+        inner = self.inner.for_run(run)
+        return self if inner is self.inner else ClassifierFreeGuidance(inner, self.scale, uncond=self.uncond)
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         x0_u = self.inner(x, t, self.uncond)
