@@ -5,7 +5,7 @@ This module is the only place that knows a network's prediction type and native 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ class ModelDenoiser(Denoiser):
         native_time: maps continuous ``t`` to what the network takes; default :func:`native_time_default`.
         dtype: dtype the network runs in (inputs are cast to it, outputs cast back to the state's dtype);
             default: the dtype of the module's first parameter, else the input's.
+        default_cond: keyword arguments passed to the network unless ``cond`` overrides them (e.g. the null class
+            label of a class-conditional model, so it samples unconditionally by default).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class ModelDenoiser(Denoiser):
         prediction: str = "eps",
         native_time: Callable[[float], float] | None = None,
         dtype: torch.dtype | None = None,
+        default_cond: Mapping[str, Any] | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -88,13 +91,14 @@ class ModelDenoiser(Denoiser):
             params = next(iter(model.parameters()), None)
             dtype = None if params is None else params.dtype
         self.dtype = dtype
+        self.default_cond = dict(default_cond or {})
 
     def _call_model(self, x: torch.Tensor, t: float, cond: Cond) -> torch.Tensor:
         x_in = x if self.dtype is None else x.to(self.dtype)
         timestep = torch.full((x.shape[0],), self.native_time(t), dtype=torch.float64, device=x.device)
         if self.dtype is not None and self.dtype != torch.float64:
             timestep = timestep.to(torch.float32)
-        out = self.model(x_in, timestep, **dict(cond or {}))
+        out = self.model(x_in, timestep, **{**self.default_cond, **dict(cond or {})})
         if not isinstance(out, torch.Tensor):
             out = out.sample if hasattr(out, "sample") else out[0]
         return out.to(x.dtype)

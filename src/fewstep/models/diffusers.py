@@ -69,7 +69,9 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser
         scheduler_or_config: a diffusers scheduler, its ``.config``, a dict, or a path to a
             ``scheduler_config.json`` or its folder. Defaults to ``scheduler/`` beside or inside the model folder.
 
-    Conditioning passes through ``cond`` (e.g. ``{"encoder_hidden_states": emb}`` or ``{"class_labels": y}``).
+    Conditioning passes through ``cond`` (e.g. ``{"encoder_hidden_states": emb}`` or ``{"class_labels": y}``); a
+    class-conditional DiT gets its null label by default (unconditional sampling; guide with
+    ``ClassifierFreeGuidance(den, scale)`` and ``cond={"class_labels": y}``).
     The scheduler config read is kept as ``.scheduler_config``.
     """
     import diffusers  # imported here: diffusers is heavy and only this adapter needs it
@@ -120,6 +122,12 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser
     if isinstance(schedule, RectifiedFlow):
         n = int(config.get("num_train_timesteps", 1000))
         native = lambda t: t * n  # noqa: E731  (diffusers flow models take sigma * N)
-    den = ModelDenoiser(model, schedule, prediction=prediction, native_time=native)
+    default_cond = None
+    if type(model).__name__ == "DiTTransformer2DModel" and model.config.num_embeds_ada_norm:
+        # the label table has a null class at index num_classes (class dropout): unconditional by default
+        import torch
+
+        default_cond = {"class_labels": torch.tensor(int(model.config.num_embeds_ada_norm))}
+    den = ModelDenoiser(model, schedule, prediction=prediction, native_time=native, default_cond=default_cond)
     den.scheduler_config = config  # kept so diffusers' schedulers can be run as peers on the same model
     return den
