@@ -159,3 +159,23 @@ def test_clear_errors(unet, dit):
         BlockCache(dit, threshold=-1)
     with pytest.raises(TypeError, match="sample"):
         DeepCache(unet)(torch.zeros(1, 1, 8, 8), 0.5)
+
+
+def test_bench_and_cli_learn_caches(tmp_path, capsys):
+    from fewstep.bench import Experiment, ResultStore, run_sweep, sweep
+    from fewstep.cli import main
+
+    assert "cache" not in Experiment("unet_s", "ddim", 10).to_dict()  # keys of uncached results unchanged
+    exps = sweep(["unet_s"], ["ddim"], [10], seeds="0-7", caches=["none", "deepcache:interval=2"])
+    assert [e.label for e in exps] == ["ddim", "ddim+deepcache:interval=2"]
+    store = ResultStore(tmp_path / "r.sqlite")
+    assert run_sweep(exps, store) == 2
+    cached = [r for r in store.rows() if r.get("cache_work") is not None]
+    assert len(cached) == 1 and 0 < cached[0]["cache_work"] < 1 and cached[0]["cache_reused"] == 5
+    assert cached[0]["label"] == "ddim+deepcache:interval=2"
+    code = main(["sample", "--model", "unet_s", "--solver", "ddim", "--steps", "10", "--seeds", "0-3", "--quiet",
+                 "--cache", "deepcache:interval=2", "--out", str(tmp_path / "x.npz")])
+    assert code == 0 and "cache reused 5 of 10" in capsys.readouterr().out
+    code = main(["sample", "--model", "unet_s", "--steps", "10", "--seeds", "0-3", "--quiet", "--cache", "dep",
+                 "--out", str(tmp_path / "y.npz")])
+    assert code == 2 and "unknown cache 'dep'" in capsys.readouterr().err

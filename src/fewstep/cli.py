@@ -126,6 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fewstep.bench.report import mosaic
+    from fewstep.caching import CacheStats, calibrate_cache, make_cache
     from fewstep.hooks import NFECounter, ProgressBar
     from fewstep.sample import sample
     from fewstep.zoo import load
@@ -136,17 +137,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     den = load(args.model)
     solver = make_solver(args.solver, **_options(args.option))
     cfg = den.model.config
-    counter = NFECounter()
-    hooks = [counter] + ([ProgressBar()] if not args.quiet else [])
-    x = sample(den, solver, args.steps, shape=(cfg.in_channels, cfg.sample_size, cfg.sample_size),
-               seeds=args.seeds, grid=args.grid, hooks=hooks)
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    counter, stats = NFECounter(), CacheStats()
+    note = ""
+    if args.cache and args.cache != "none":
+        name, knobs = parse_spec(args.cache)
+        if name == "auto":
+            target = float(knobs.pop("target_error", 0.05))
+            cal = calibrate_cache(den, solver, args.steps, shape=shape, target_error=target, grid=args.grid, **knobs)
+            name, knobs = cal.method, cal.knobs
+            note = f" (auto: {name} {knobs}, calibration error {cal.error:.3g})"
+        den = make_cache(den, name, **knobs)
+    hooks = [counter, stats] + ([ProgressBar()] if not args.quiet else [])
+    x = sample(den, solver, args.steps, shape=shape, seeds=args.seeds, grid=args.grid, hooks=hooks)
+    if stats.full + stats.reused:
+        note += f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations"
     if out.suffix == ".npz":
         np.savez(out, samples=x.numpy(), seeds=np.array(args.seeds), nfe=counter.nfe)
     else:
         from PIL import Image
 
         Image.fromarray(mosaic(x)).save(out)
-    print(f"{len(args.seeds)} samples, {counter.nfe} NFE -> {out}")
+    print(f"{len(args.seeds)} samples, {counter.nfe} NFE{note} -> {out}")
     return 0
 
 
@@ -160,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         name, opts = parse_spec(s)
         make_solver(name, **opts)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
-                 with_diffusers=args.with_diffusers, peers=args.diffusers)
+                 with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache)
     store = ResultStore(args.db)
     ran = run_sweep(exps, store, force=args.force)
     print(f"{ran} experiments run, {len(exps) - ran} already in {store.path}")
@@ -222,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--grid", choices=list(GRIDS), default="time_quadratic", help="time grid (time_quadratic)")
     smp.add_argument("--seeds", type=_seeds, default=parse_seeds("0-63"), help="seed range (0-63)")
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
+    smp.add_argument("--cache", default=None, help="feature cache: deepcache:interval=3, encoder:interval=2, "
+                     "block:threshold=0.05 (transformers), auto:target_error=0.05 (calibrated here), none")
     smp.add_argument("--out", required=True, help="output .png (image grid) or .npz (samples)")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     smp.set_defaults(func=cmd_sample)
@@ -241,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--with-diffusers", action="store_true", help="also run diffusers' counterpart schedulers")
     bench.add_argument("--diffusers", type=lambda s: s.split(","), default=[],
                        help="diffusers schedulers to run as well, by label: " + ", ".join(_peer_labels()))
+    bench.add_argument("--cache", type=lambda s: s.split(","), default=[""],
+                       help="comma-separated feature caches to run every fewstep solver with: none, "
+                            "deepcache:interval=3, encoder:interval=2, block:threshold=0.05, auto:target_error=0.05 "
+                            "(default: none)")
     bench.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")

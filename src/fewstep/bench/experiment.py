@@ -35,6 +35,7 @@ class Experiment:
     seeds: str = "0-255"
     backend: str = "fewstep"
     options: Mapping[str, Any] = field(default_factory=dict)
+    cache: str = ""  # a cache spec (fewstep.caching.make_cache), e.g. "deepcache:interval=3" or "auto:target_error=0.05"
 
     def __post_init__(self) -> None:
         from fewstep.bench.peers import PEERS
@@ -50,16 +51,21 @@ class Experiment:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         parse_seeds(self.seeds)
+        if self.cache and self.backend != "fewstep":
+            raise ValueError("caches apply to fewstep runs only")
         object.__setattr__(self, "options", dict(sorted(dict(self.options).items())))
 
     @property
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
-        name = self.solver + (f"({opts})" if opts else "")
+        name = self.solver + (f"({opts})" if opts else "") + (f"+{self.cache}" if self.cache else "")
         return f"diffusers:{name}" if self.backend == "diffusers" else name
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "options": dict(self.options)}
+        out = {**asdict(self), "options": dict(self.options)}
+        if not self.cache:  # keeps the keys of cache-free experiments as they were before caches existed
+            del out["cache"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
@@ -102,17 +108,20 @@ def sweep(
     seeds: str = "0-255",
     with_diffusers: bool = False,
     peers: Sequence[str] = (),
+    caches: Sequence[str] = ("",),
 ) -> list[Experiment]:
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
     (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
-    knobs as a spec, ``"sa_solver:tau=0:predictor_order=3"``."""
+    knobs as a spec, ``"sa_solver:tau=0:predictor_order=3"``; each fewstep run is repeated for every cache spec of
+    ``caches`` (``""`` or ``"none"``: uncached)."""
     from fewstep.bench.peers import compatible, counterpart
     from fewstep.spec import parse_spec
 
     steps = list(steps)
     specs = [parse_spec(s) for s in solvers]
-    out = [Experiment(m, name, n, grid, seeds, options=opts)
-           for m, (name, opts), n in itertools.product(models, specs, steps)]
+    caches = ["" if c in ("", "none") else c for c in caches]
+    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c)
+           for m, (name, opts), n, c in itertools.product(models, specs, steps, caches)]
     chosen = [p for name, _ in specs if (p := counterpart(name)) is not None] if with_diffusers else []
     peers = list(dict.fromkeys([*chosen, *peers]))
     for m in models:

@@ -18,7 +18,8 @@ from fewstep.bench.reference import pf_ode_reference
 from fewstep.bench.store import ResultStore
 from fewstep.grids import make_grid
 from fewstep.hooks import NFECounter
-from fewstep.models.base import Cond, Denoiser
+from fewstep.caching import CacheStats
+from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.sample import sample
 from fewstep.solvers import make_solver
@@ -27,16 +28,40 @@ __all__ = ["Context", "run_experiment", "run_sweep"]
 
 
 class _Timed(Denoiser):
-    """Accumulates the wall time spent inside the wrapped denoiser (the model time)."""
+    """Accumulates the wall time spent inside the wrapped denoiser (the model time); binds the inner denoiser per
+    run (caches) and keeps counting into the same total."""
 
-    def __init__(self, inner: Denoiser) -> None:
-        self.inner, self.schedule, self.seconds = inner, inner.schedule, 0.0
+    def __init__(self, inner: Denoiser, total: list[float] | None = None) -> None:
+        self.inner, self.schedule = inner, inner.schedule
+        self.total = total if total is not None else [0.0]
+
+    @property
+    def seconds(self) -> float:
+        return self.total[0]
+
+    def for_run(self, run: Run) -> Denoiser:
+        bound = self.inner.for_run(run)
+        return self if bound is self.inner else _Timed(bound, self.total)
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.inner(x, t, cond)
-        self.seconds += time.perf_counter() - t0
+        self.total[0] += time.perf_counter() - t0
         return out
+
+
+def _apply_cache(den: Any, exp: Experiment, solver: Any, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+    """The experiment's cache around ``den``; ``auto`` calibrates it on seeds 1000-1007 (never the experiment's)."""
+    from fewstep.caching import calibrate_cache, make_cache
+    from fewstep.spec import parse_spec
+
+    name, knobs = parse_spec(exp.cache)
+    if name != "auto":
+        return make_cache(den, name, **knobs), {}
+    target = float(knobs.pop("target_error", 0.05))
+    cal = calibrate_cache(den, solver, exp.steps, shape=shape, target_error=target, grid=exp.grid, **knobs)
+    return make_cache(den, cal.method, **cal.knobs), {"cache_choice": f"{cal.method}:{cal.knobs}",
+                                                      "cache_calibration_error": cal.error}
 
 
 class Context:
@@ -89,19 +114,27 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
     x_init = ctx.x_init(exp)
     timed = _Timed(den)
     t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
     if exp.backend == "fewstep":
-        counter = NFECounter()
+        counter, stats = NFECounter(), CacheStats()
         solver = make_solver(exp.solver, **exp.options)
+        if exp.cache:
+            cached, extra = _apply_cache(den, exp, solver, tuple(x_init.shape[1:]))
+            timed = _Timed(cached)
+            t0 = time.perf_counter()  # calibration is not part of the run's time
         grid = make_grid(exp.grid, den.schedule, exp.steps)
-        out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter])
+        out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
+        if exp.cache:
+            extra["cache_work"] = stats.work / max(stats.full + stats.reused, 1)
+            extra["cache_reused"] = stats.reused
     else:
         net = den.model
 
         def timed_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t1 = time.perf_counter()
             y = net(x, t).sample
-            timed.seconds += time.perf_counter() - t1
+            timed.total[0] += time.perf_counter() - t1
             return y
 
         config = json.loads(json.dumps(dict(den.scheduler_config)))
@@ -118,6 +151,7 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
         "model_seconds": timed.seconds,
         "wall_seconds": wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        **extra,
     }
     return record, out
 

@@ -53,6 +53,9 @@ class ResultStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path)
             self.conn.executescript(_SCHEMA)
+            cols = {row[1] for row in self.conn.execute("PRAGMA table_info(results)")}
+            if "extra" not in cols:  # databases written before extra fields existed
+                self.conn.execute("ALTER TABLE results ADD COLUMN extra TEXT")
             self.conn.commit()
         except (sqlite3.Error, OSError) as err:
             raise ValueError(f"cannot open the results database {self.path} for writing: {err}") from None
@@ -62,19 +65,22 @@ class ResultStore:
 
     def put(self, exp: Experiment, record: dict[str, Any], samples: torch.Tensor) -> None:
         values = [record.get(c) for c in COLUMNS]
+        extra = json.dumps({k: v for k, v in record.items() if k not in COLUMNS}, sort_keys=True)
         with self.conn:  # one transaction per result
             self.conn.execute(
                 "INSERT OR REPLACE INTO results (key, spec, backend, model, solver, grid, steps, seeds, "
-                + ", ".join(COLUMNS) + ", samples) VALUES (" + ", ".join("?" * (9 + len(COLUMNS))) + ")",
+                + ", ".join(COLUMNS) + ", samples, extra) VALUES (" + ", ".join("?" * (10 + len(COLUMNS))) + ")",
                 [exp.key, exp.to_json(), exp.backend, exp.model, exp.label, exp.grid, exp.steps, exp.seeds, *values,
-                 _to_blob(samples)],
+                 _to_blob(samples), extra],
             )
 
     def rows(self) -> list[dict[str, Any]]:
-        cur = self.conn.execute("SELECT key, spec, solver, " + ", ".join(COLUMNS) + " FROM results ORDER BY rowid")
+        cur = self.conn.execute("SELECT key, spec, solver, extra, " + ", ".join(COLUMNS)
+                                + " FROM results ORDER BY rowid")
         out = []
-        for key, spec, label, *vals in cur.fetchall():
+        for key, spec, label, extra, *vals in cur.fetchall():
             row = {"key": key, "experiment": Experiment.from_dict(json.loads(spec)), "label": label}
+            row.update(json.loads(extra) if extra else {})
             row.update(zip(COLUMNS, vals, strict=True))
             out.append(row)
         return out
