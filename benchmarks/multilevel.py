@@ -159,24 +159,28 @@ def stitching(n: int) -> None:
     from fewstep.bench import DigitsFD, Experiment, ResultStore, rmse_per_sample
     from fewstep.bench.runner import Context
 
-    small, large = zoo.load("unet_s"), zoo.load("unet_m")
-    x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    costs = measure_costs([small, large], x, 0.5)
     ctx = Context(ResultStore("docs/zoo/results.sqlite"))
-    exp = Experiment("unet_m", "ddim", 5, seeds=f"0-{n - 1}")
-    x_init, ref = ctx.x_init(exp), ctx.reference(exp)
     fd = DigitsFD()
-    print(f"\n### Stitching unet_s -> unet_m (cost of unet_s: {costs[0]:.3f} of unet_m's)\n")
-    print("| solver | steps | small fraction | compute (unet_m evals) | error vs unet_m's ODE solution | FD |")
-    print("|---|---|---|---|---|---|")
-    for solver in ("ddim", "dpmpp_2m", "unipc"):
-        for steps in (10, 20):
-            for frac in (0.0, 0.2, 0.4, 0.6, 0.8):
-                den = Stitch([small, large], [frac], costs=costs)
-                meter = CostMeter()
-                out = sample(den, make_solver(solver), steps, x_init=x_init, grid="time_quadratic", hooks=[meter])
-                e = float(rmse_per_sample(out, ref).mean())
-                print(f"| {solver} | {steps} | {frac} | {meter.cost:.2f} | {e:.4f} | {fd(out):.2f} |")
+    for small_name, large_name in (("unet_s", "unet_m"), ("unet_s", "unet_l")):
+        small, large = zoo.load(small_name), zoo.load(large_name)
+        x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        costs = measure_costs([small, large], x, 0.5)
+        exp = Experiment(large_name, "ddim", 5, seeds=f"0-{n - 1}")
+        x_init, ref = ctx.x_init(exp), ctx.reference(exp)
+        print(f"\n### Stitching {small_name} -> {large_name} (measured cost of {small_name}: {costs[0]:.3f} of "
+              f"{large_name}'s)\n")
+        print(f"| solver | steps | {small_name} fraction | compute ({large_name} evals) | error vs {large_name}'s ODE "
+              f"solution | FD |")
+        print("|---|---|---|---|---|---|")
+        for solver in ("ddim", "dpmpp_2m", "unipc"):
+            for steps in (10, 20):
+                for frac in (0.0, 0.2, 0.4, 0.6):
+                    den = Stitch([small, large], [frac], costs=costs)
+                    meter = CostMeter()
+                    out = sample(den, make_solver(solver), steps, x_init=x_init, grid="time_quadratic",
+                                 hooks=[meter])
+                    e = float(rmse_per_sample(out, ref).mean())
+                    print(f"| {solver} | {steps} | {frac} | {meter.cost:.2f} | {e:.4f} | {fd(out):.2f} |", flush=True)
 
 
 def main() -> None:

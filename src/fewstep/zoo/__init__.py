@@ -32,7 +32,7 @@ def model_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_dir():
         return p
-    if (WEIGHTS / str(name_or_path) / "unet").is_dir():
+    if any((WEIGHTS / str(name_or_path) / sub).is_dir() for sub in ("unet", "transformer")):
         return WEIGHTS / str(name_or_path)
     from fewstep.grids import suggest
 
