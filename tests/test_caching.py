@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from fewstep import make_solver, sample, zoo
-from fewstep.caching import BlockCache, CacheStats, DeepCache, EncoderPropagation, calibrate_cache, full_steps
+from fewstep.caching import (
+    BlockCache,
+    CacheStats,
+    DeepCache,
+    EncoderPropagation,
+    cache_error,
+    calibrate_cache,
+    full_steps,
+)
 from fewstep.models import ModelDenoiser
 from fewstep.schedules import DiscreteVP
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
@@ -126,22 +134,22 @@ def test_block_cache_decides_per_sample(dit):
 
 def test_calibration_meets_its_target_on_held_out_seeds(unet):
     target = 0.05
-    cal = calibrate_cache(unet, "ddim", 20, shape=(1, 8, 8), target_error=target, seeds="1000-1007")
-    assert cal.error <= target and cal.work < 1.0
+    cal = calibrate_cache(unet, "ddim", 20, shape=(1, 8, 8), target_error=target)
+    assert cal.error <= cal.error_upper <= target and cal.work < 1.0
     den = DeepCache(unet, **cal.knobs)
-    held = sample(den, "ddim", 20, shape=(1, 8, 8), seeds="0-31", grid="time_quadratic")
-    exact = sample(unet, "ddim", 20, shape=(1, 8, 8), seeds="0-31", grid="time_quadratic")
-    err = float((held - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
+    held = sample(den, "ddim", 20, shape=(1, 8, 8), seeds="0-255", grid="time_quadratic")
+    exact = sample(unet, "ddim", 20, shape=(1, 8, 8), seeds="0-255", grid="time_quadratic")
+    err = float(cache_error(held, exact).mean())
     assert err <= target, (cal, err)
 
 
 def test_block_cache_calibration_meets_its_target(dit):
     target = 0.02
-    cal = calibrate_cache(dit, "dpmpp_2m", 20, shape=(1, 8, 8), target_error=target, seeds="1000-1007")
-    assert cal.method == "block" and cal.error <= target
-    held = _run(BlockCache(dit, **cal.knobs), "dpmpp_2m", 20, seeds="0-31")
-    exact = _run(dit, "dpmpp_2m", 20, seeds="0-31")
-    assert float((held - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()) <= target
+    cal = calibrate_cache(dit, "dpmpp_2m", 20, shape=(1, 8, 8), target_error=target)
+    assert cal.method == "block" and cal.error_upper <= target
+    held = _run(BlockCache(dit, **cal.knobs), "dpmpp_2m", 20, seeds="0-255")
+    exact = _run(dit, "dpmpp_2m", 20, seeds="0-255")
+    assert float(cache_error(held, exact).mean()) <= target
 
 
 def test_clear_errors(unet, dit):

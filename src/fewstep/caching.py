@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser, Run
 
-__all__ = ["BlockCache", "CacheStats", "DeepCache", "EncoderPropagation", "calibrate_cache", "full_steps",
-           "make_cache"]
+__all__ = ["BlockCache", "CacheStats", "DeepCache", "EncoderPropagation", "cache_error", "calibrate_cache",
+           "full_steps", "make_cache"]
 
 
 class CacheStats:
@@ -498,20 +498,34 @@ class Calibration:
 
     method: str
     knobs: dict[str, Any]
-    error: float  # relative RMS error of the final samples vs the uncached model, calibration seeds
+    error: float  # mean per-sample relative error of the final samples vs the uncached model (calibration seeds)
+    error_upper: float  # its bootstrap 90th percentile over the calibration samples (what the choice is held to)
     work: float  # mean fraction of the network computed per evaluation
-    table: list[tuple[dict[str, Any], float, float]] = field(default_factory=list)  # (knobs, error, work)
+    table: list[tuple[dict[str, Any], float, float, float]] = field(default_factory=list)  # knobs, err, upper, work
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+def cache_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample relative error ``|a_i - b_i| / |b_i|`` of cached samples ``a`` against uncached ``b``."""
+    return (a - b).double().flatten(1).norm(dim=1) / b.double().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor, *, boot: int = 400) -> tuple[float, float]:
+    """Mean per-sample relative error and the 90th percentile of its bootstrap over samples. (A batch-wide relative
+    RMS is dominated by the few samples that switch mode — 30-75 % of it from 5 of 128 samples on the zoo UNet —
+    and varies by 2x between seed sets; the per-sample mean varies by about 15 %.)"""
+    r = cache_error(a, b)
+    g = torch.Generator().manual_seed(0)
+    reps = r[torch.randint(0, r.numel(), (boot, r.numel()), generator=g)].mean(1)
+    return float(r.mean()), float(torch.quantile(reps, 0.9))
 
 
 def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[int], target_error: float,
-                    seeds: str = "1000-1007", method: str | None = None, grid: str = "time_quadratic",
+                    seeds: str = "1000-1127", method: str | None = None, grid: str = "time_quadratic",
                     cond: Cond = None) -> Calibration:
-    """Pick the most aggressive cache setting whose final samples stay within ``target_error`` (relative RMS)
-    of the uncached model's, for this model, solver and step count, measured on ``seeds``.
+    """Pick the most aggressive cache setting whose final samples stay within ``target_error`` (mean per-sample
+    relative error, :func:`cache_error`) of the uncached model's, for this model, solver and step count, measured
+    on ``seeds`` and held to the bootstrap 90th percentile of that error (so it holds on other seeds, not just the
+    calibration ones).
 
     Candidates: DeepCache ``interval`` 2..8 (uniform and nonuniform) for U-Nets; ``threshold`` on a geometric grid
     for transformers (``method`` picks one family). The work fraction is counted (:class:`CacheStats`); the
@@ -536,14 +550,13 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[i
         stats = CacheStats()
         out = sample(make_cache(inner, method, **knobs), solver, steps, shape=shape, seeds=seeds, grid=grid,
                      cond=cond, hooks=[stats])
-        work = _work(stats)
-        table.append((knobs, _rel_err(out, exact), work))
-    ok = [row for row in table if row[1] <= target_error]
+        table.append((knobs, *_rel_err(out, exact), _work(stats)))
+    ok = [row for row in table if row[2] <= target_error]
     if not ok:
         base = {"threshold": 0.0} if method == "block" else {"interval": 1, "schedule": "uniform"}
-        return Calibration(method, base, 0.0, 1.0, table)
-    knobs, err, work = min(ok, key=lambda row: (row[2], row[1]))
-    return Calibration(method, knobs, err, work, table)
+        return Calibration(method, base, 0.0, 0.0, 1.0, table)
+    knobs, err, upper, work = min(ok, key=lambda row: (row[3], row[2]))
+    return Calibration(method, knobs, err, upper, work, table)
 
 
 def _work(stats: CacheStats) -> float:

@@ -35,7 +35,7 @@ class Experiment:
     seeds: str = "0-255"
     backend: str = "fewstep"
     options: Mapping[str, Any] = field(default_factory=dict)
-    cache: str = ""  # a cache spec (fewstep.caching.make_cache), e.g. "deepcache:interval=3" or "auto:target_error=0.05"
+    cache: str = ""  # a cache spec: "deepcache:interval=3", "auto:target_error=0.05" (fewstep.caching.make_cache)
 
     def __post_init__(self) -> None:
         from fewstep.bench.peers import PEERS

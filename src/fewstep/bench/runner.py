@@ -16,9 +16,9 @@ from fewstep.bench.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
 from fewstep.bench.peers import run_diffusers
 from fewstep.bench.reference import pf_ode_reference
 from fewstep.bench.store import ResultStore
+from fewstep.caching import CacheStats
 from fewstep.grids import make_grid
 from fewstep.hooks import NFECounter
-from fewstep.caching import CacheStats
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.sample import sample
@@ -51,7 +51,7 @@ class _Timed(Denoiser):
 
 
 def _apply_cache(den: Any, exp: Experiment, solver: Any, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
-    """The experiment's cache around ``den``; ``auto`` calibrates it on seeds 1000-1007 (never the experiment's)."""
+    """The experiment's cache around ``den``; ``auto`` calibrates it on seeds 1000-1127 (never the experiment's)."""
     from fewstep.caching import calibrate_cache, make_cache
     from fewstep.spec import parse_spec
 
