@@ -68,3 +68,9 @@ def test_unreadable_and_pickled_checkpoints(capsys, tmp_path):
     unet.save_pretrained(pickled, safe_serialization=False)
     code, _, err = run(capsys, "sample", "--model", str(tmp_path / "pickled"), "--out", str(tmp_path / "x.png"))
     assert code == 2 and "no .safetensors weights" in err
+
+
+def test_sample_a_class_conditional_dit(capsys, tmp_path):
+    code, out, _ = run(capsys, "sample", "--model", "dit_s", "--steps", "8", "--seeds", "0-3", "--label", "cycle",
+                       "--cache", "block:threshold=0.1", "--quiet", "--out", str(tmp_path / "d.npz"))
+    assert code == 0 and "4 samples, 8 NFE; cache reused" in out and "% of the network" in out

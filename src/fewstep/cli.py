@@ -149,9 +149,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
             note = f" (auto: {name} {knobs}, calibration error {cal.error:.3g})"
         den = make_cache(den, name, **knobs)
     hooks = [counter, stats] + ([ProgressBar()] if not args.quiet else [])
-    x = sample(den, solver, args.steps, shape=shape, seeds=args.seeds, grid=args.grid, hooks=hooks)
+    cond = None
+    if args.label is not None:
+        import torch
+
+        n = len(args.seeds)
+        labels = torch.arange(n) % 10 if args.label == "cycle" else torch.full((n,), int(args.label))
+        cond = {"class_labels": labels}
+    x = sample(den, solver, args.steps, shape=shape, seeds=args.seeds, grid=args.grid, hooks=hooks, cond=cond)
     if stats.full + stats.reused:
-        note += f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations"
+        calls = stats.full + stats.reused
+        note += (f"; cache reused {stats.reused} of {calls} evaluations, computed {100 * stats.work / calls:.0f} % "
+                 "of the network")
     if out.suffix == ".npz":
         np.savez(out, samples=x.numpy(), seeds=np.array(args.seeds), nfe=counter.nfe)
     else:
@@ -234,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--grid", choices=list(GRIDS), default="time_quadratic", help="time grid (time_quadratic)")
     smp.add_argument("--seeds", type=_seeds, default=parse_seeds("0-63"), help="seed range (0-63)")
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
+    smp.add_argument("--label", default=None, help="class label for class-conditional models (dit_s): an int, or "
+                     "'cycle' for 0-9 in turn; default: the model's unconditional label")
     smp.add_argument("--cache", default=None, help="feature cache: deepcache:interval=3, encoder:interval=2, "
                      "block:threshold=0.05 (transformers), auto:target_error=0.05 (calibrated here), none")
     smp.add_argument("--out", required=True, help="output .png (image grid) or .npz (samples)")
