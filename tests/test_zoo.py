@@ -10,7 +10,8 @@ from fewstep.schedules import DiscreteVP, RectifiedFlow
 from fewstep.zoo import WEIGHTS, list_models, load, load_classifier
 from fewstep.zoo.train import classifier_split
 
-DIFFUSION = {"unet_s": "eps", "unet_m": "eps", "unet_l": "eps", "unet_v": "v", "unet_flow": "flow"}
+DIFFUSION = {"unet_s": "eps", "unet_m": "eps", "unet_l": "eps", "unet_v": "v", "unet_flow": "flow", "unet_mr": "eps",
+             "dit_s": "eps"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_classifier_accuracy_on_held_out_digits():
 def test_100_step_samples_are_digits(name, fd):
     """FD of 100-step DPM-Solver++(2M) sampling within 2x the real-vs-real floor at the same N (both measured)."""
     n = 512
-    x = sample(load(name), "dpmpp_2m", 100, shape=(1, 8, 8), seeds=range(n), grid="time_uniform")
+    cond = {"class_labels": torch.arange(n) % 10} if name == "dit_s" else None  # the DiT samples classes
+    x = sample(load(name), "dpmpp_2m", 100, shape=(1, 8, 8), seeds=range(n), grid="time_uniform", cond=cond)
     value, floor = fd(x), fd.floor(n)
     assert value <= 2.0 * floor, (name, value, floor)
     confidence = fd.classify(x).max(1).values.mean()

@@ -46,6 +46,9 @@ SPECS: dict[str, ModelSpec] = {
     "unet_v": ModelSpec("unet_v", "v", (32, 64), 4000, 1e-3, description="v-prediction, same size as unet_m"),
     "unet_flow": ModelSpec("unet_flow", "flow", (32, 64), 4000, 1e-3,
                            description="rectified flow (velocity), same size as unet_m"),
+    "unet_mr": ModelSpec("unet_mr", "eps", (32, 64), 5000, 1e-3, extra={"multires": True},
+                         description="unet_m trained on 8x8 digits and on their 4x4 average-pooled versions (half "
+                                     "the batches each): a multi-resolution model for bottleneck sampling"),
     "dit_s": ModelSpec("dit_s", "dit", (64,), 5000, 1e-3,
                        description="class-conditional DiT (diffusers DiTTransformer2DModel, patch 2, 4 blocks, "
                                    "width 64); pass class_labels 0-9; label 10 = unconditional (10 % label "
@@ -128,6 +131,8 @@ def train(name: str, out_dir: Path | None = None, *, iters: int | None = None, l
             group["lr"] = _lr(step, iters, spec.lr)
         idx = torch.randint(0, data.shape[0], (128,), generator=g)
         x0 = data[idx]
+        if spec.extra.get("multires") and step % 2 == 1:
+            x0 = torch.nn.functional.avg_pool2d(x0, 2)
         if spec.kind == "classifier":
             # light augmentation: small noise, so features are robust to sampler noise
             inp = x0 + 0.1 * torch.randn(x0.shape, generator=g)
