@@ -23,7 +23,7 @@ import torch
 from fewstep import make_solver, sample
 from fewstep.bench import DigitsFD, Experiment, ResultStore, rmse_per_sample
 from fewstep.bench.runner import Context
-from fewstep.caching import CacheStats, cache_error, calibrate_cache, make_cache
+from fewstep.caching import CacheStats, cache_error, cache_from_spec
 
 UNET_CACHES = ["deepcache:interval=2", "deepcache:interval=3", "deepcache:interval=3:schedule=nonuniform",
                "deepcache:interval=5", "encoder:interval=2", "encoder:interval=3", "auto:target_error=0.05"]
@@ -39,8 +39,6 @@ def main() -> None:
     parser.add_argument("--db", default="docs/zoo/results.sqlite")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from fewstep.spec import parse_spec
-
     ctx = Context(ResultStore(args.db))
     exp = Experiment(args.model, "ddim", 10)
     den, x_init = ctx.model(args.model), ctx.x_init(exp)
@@ -51,22 +49,18 @@ def main() -> None:
     # the zoo DiT is class-conditional and weak unconditionally: sample classes 0-9 in turn, no ODE reference
     cond = {"class_labels": torch.arange(x_init.shape[0]) % 10} if is_dit else None
     ref = None if is_dit else ctx.reference(exp)
+    cal_cond = {"class_labels": torch.arange(128) % 10} if is_dit else None  # calibration seeds 1000-1127
     print(f"model {args.model}, batch {x_init.shape[0]}, FD floor {ctx.floor(x_init.shape[0]):.2f}\n")
     print("| solver | steps | cache | work | time (s) | speedup | error | cache err | FD | FD loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for solver_name in args.solvers.split(","):
         solver = make_solver(solver_name)
         for steps in [int(s) for s in args.steps.split(",")]:
-            dens = {"none": den}
-            notes = {}
+            dens, notes = {"none": den}, {}
             for spec in caches:
-                name, knobs = parse_spec(spec)
-                if name == "auto":
-                    cal = calibrate_cache(den, solver, steps, shape=shape, target_error=knobs["target_error"],
-                                          cond=None if cond is None else {"class_labels": torch.arange(128) % 10})
+                dens[spec], cal = cache_from_spec(den, spec, solver=solver, steps=steps, shape=shape, cond=cal_cond)
+                if cal is not None:
                     notes[spec] = f"{cal.method}:{cal.knobs}"
-                    name, knobs = cal.method, cal.knobs
-                dens[spec] = make_cache(den, name, **knobs)
             times: dict[str, list[float]] = {k: [] for k in dens}
             outs, works = {}, {}
             for _ in range(args.repeats):
@@ -76,8 +70,7 @@ def main() -> None:
                     outs[key] = sample(d, solver, steps, x_init=x_init, grid="time_quadratic", hooks=[stats],
                                        cond=cond)
                     times[key].append(time.perf_counter() - t0)
-                    calls = stats.full + stats.reused
-                    works[key] = stats.work / calls if calls else 1.0
+                    works[key] = stats.mean_work
             base_t, base = statistics.median(times["none"]), outs["none"]
             base_fd = fd(base)
             for key, out in outs.items():

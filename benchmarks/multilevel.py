@@ -22,6 +22,7 @@ from fewstep.grids import time_quadratic
 from fewstep.models import Denoiser, Run
 from fewstep.multilevel import Multilevel, Stitch, calibrate, measure_costs, optimal_probs
 from fewstep.schedules import DiscreteVP
+from fewstep.solvers import EulerMaruyama, Step
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
 
 REF_FACTOR = 4
@@ -49,14 +50,11 @@ def em(den: Denoiser, times: list[float], x: torch.Tensor, dw: torch.Tensor, see
     calls = 0
     with torch.no_grad():
         for n in range(len(times) - 1):
-            t, t_next = times[n], times[n + 1]
-            sb, sbn = sched.edm_sigma(t), sched.edm_sigma(t_next)
-            a, a_next = sched.alpha(t), sched.alpha(t_next)
-            xbar = x / a
-            d = bound(x, t)
+            step = Step.of(sched, n, len(times) - 1, times[n], times[n + 1])
+            c_x, c_x0, _ = EulerMaruyama.coefficients(step)
+            # the EDM-frame noise term is the Brownian increment itself, mapped back by alpha_next
+            x = c_x * x + c_x0 * bound(x, times[n]) + step.alpha_next * dw[n]
             calls += 1
-            xbar = xbar + 2 * (sbn - sb) * (xbar - d) / sb + dw[n]
-            x = xbar * a_next
     return x, (meter.cost if meter.evaluations else float(calls))
 
 

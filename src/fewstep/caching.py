@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser, Run
 
-__all__ = ["BlockCache", "CacheStats", "DeepCache", "EncoderPropagation", "cache_error", "calibrate_cache",
-           "full_steps", "make_cache"]
+__all__ = ["BlockCache", "CacheStats", "DeepCache", "EncoderPropagation", "cache_error", "cache_from_spec",
+           "calibrate_cache", "full_steps", "make_cache"]
 
 
 class CacheStats:
@@ -49,6 +49,12 @@ class CacheStats:
         self.full += int(not reused)
         self.work += work
         self.steps.append((step, reused))
+
+    @property
+    def mean_work(self) -> float:
+        """Mean fraction of the network computed per evaluation (1 when nothing was reused or nothing ran)."""
+        calls = self.full + self.reused
+        return self.work / calls if calls else 1.0
 
     @property
     def reused_steps(self) -> list[int]:
@@ -246,23 +252,58 @@ def _inner(den: Denoiser, attr: str) -> ModelDenoiser:
     return den
 
 
-@dataclass
-class _Schedule:
-    run: Run
-    full: set[int] | None  # None: decided by the method (block cache)
-    last_step: int = -1
-    calls: int = 0
-
-
 class _CachedNet:
-    """Base of the per-run networks: knows the run (grid, hooks) and the time of the current evaluation."""
+    """Base of the per-run networks: the run (grid, hooks), the time of the current evaluation, and the grid steps
+    computed in full (``None`` when the method decides per evaluation)."""
 
-    def __init__(self, den: ModelDenoiser, run: Run, full: set[int] | None) -> None:
-        self.den, self.sched = den, _Schedule(run, full)
+    def __init__(self, method: _Cache, run: Run, full: set[int] | None = None) -> None:
+        self.method, self.run, self.full = method, run, full
         self.t_of_call = 0.0
 
+    def step_now(self) -> int:
+        return self.run.step_of(self.t_of_call)
 
-class DeepCache(Denoiser):
+    def reuses(self, step: int, cached: torch.Tensor | None, batch: int) -> bool:
+        """Whether this evaluation reuses: a scheduled reuse step with a cache of the same batch."""
+        return step not in self.full and cached is not None and cached.shape[0] == batch
+
+
+class _Cache(Denoiser):
+    """A cache around a :class:`ModelDenoiser`: lives only in runs (``for_run`` binds a fresh ``_CachedNet``)."""
+
+    net_class: type[_CachedNet]
+
+    def __init__(self, den: Denoiser) -> None:
+        self.den = _inner(den, type(self).__name__)
+        self.schedule = self.den.schedule
+
+    def _net(self, run: Run) -> _CachedNet:
+        return self.net_class(self, run)
+
+    def for_run(self, run: Run) -> Denoiser:
+        return _Bound(self.den, self._net(run))
+
+    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        raise TypeError("a cache lives in one run: call it through fewstep.sample()")
+
+
+class _ScheduledCache(_Cache):
+    """A U-Net cache whose full steps follow a schedule (:func:`full_steps`) or an explicit list."""
+
+    def __init__(self, den: Denoiser, interval: int, schedule: str, full: Sequence[int] | None) -> None:
+        super().__init__(den)
+        self.unet = _UNet(self.den.model)
+        full_steps(8, interval, schedule)  # validates
+        self.interval, self.schedule_name = interval, schedule
+        self.full = None if full is None else sorted({int(s) for s in full} | {0})
+
+    def _net(self, run: Run) -> _CachedNet:
+        steps = max(len(run.times) - 1, 1)
+        full = self.full if self.full is not None else full_steps(steps, self.interval, self.schedule_name)
+        return self.net_class(self, run, set(full))
+
+
+class DeepCache(_ScheduledCache):
     """DeepCache: on a full step, run the U-Net and keep the input of up block ``U - 1 - branch`` (the deep
     features); on a reuse step run only the shallow branch — ``conv_in``, down blocks ``0..branch``, up blocks
     ``U - 1 - branch..`` and the head — with the cached deep features. ``branch=0`` reuses the most (only the
@@ -276,41 +317,29 @@ class DeepCache(Denoiser):
 
     def __init__(self, den: Denoiser, *, interval: int = 3, branch: int = 0, schedule: str = "uniform",
                  full: Sequence[int] | None = None) -> None:
-        self.den = _inner(den, "DeepCache")
-        self.unet = _UNet(self.den.model)
-        n_up = len(self.den.model.up_blocks)
+        super().__init__(den, interval, schedule, full)
+        u = self.den.model
+        n_up = len(u.up_blocks)
         if not 0 <= branch < n_up - 1:
             raise ValueError(f"branch must be in [0, {n_up - 2}] for a U-Net with {n_up} up blocks (a model "
                              f"without a deeper branch to skip cannot use DeepCache)")
-        full_steps(8, interval, schedule)  # validates
-        self.interval, self.branch, self.schedule_name = interval, branch, schedule
-        self.full = None if full is None else sorted({int(s) for s in full} | {0})
-        self.schedule = self.den.schedule
-        u = self.den.model
+        self.branch = branch
         self.reuse_work = _macs_share(u, [u.conv_in, *u.down_blocks[: branch + 1], *u.up_blocks[n_up - 1 - branch:],
                                           u.conv_out], _unet_probe(u))
 
-    def for_run(self, run: Run) -> Denoiser:
-        steps = max(len(run.times) - 1, 1)
-        full = set(self.full) if self.full is not None else set(full_steps(steps, self.interval,
-                                                                           self.schedule_name))
-        return _Bound(self.den, _DeepCacheNet(self, run, full))
-
-    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
-        raise TypeError("a cache lives in one run: call it through fewstep.sample()")
-
 
 class _DeepCacheNet(_CachedNet):
+    method: DeepCache
+
     def __init__(self, method: DeepCache, run: Run, full: set[int]) -> None:
-        super().__init__(method.den, run, full)
-        self.method = method
+        super().__init__(method, run, full)
         self.cached: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         u, b = self.method.unet, self.method.branch
-        step = self.sched.run.step_of(self.t_of_call)
+        step = self.step_now()
         n_up = len(u.unet.up_blocks)
-        reuse = step not in self.sched.full and self.cached is not None and self.cached.shape[0] == x.shape[0]
+        reuse = self.reuses(step, self.cached, x.shape[0])
         sample, emb, extra = u.embed(x, timestep, cond)
         if reuse:
             _, res = u.down(sample, emb, extra, upto=b)
@@ -320,11 +349,14 @@ class _DeepCacheNet(_CachedNet):
             deep, res = u.down(sample, emb, extra)
             deep = u.mid(deep, emb, extra)
             out, self.cached = u.up(deep, res, emb, extra, record=n_up - 1 - b)
-        self.sched.run.report("on_cache", step, reuse, self.method.reuse_work if reuse else 1.0)
+        self.run.report("on_cache", step, reuse, self.method.reuse_work if reuse else 1.0)
         return u.head(out, extra)
 
 
-class EncoderPropagation(Denoiser):
+DeepCache.net_class = _DeepCacheNet
+
+
+class EncoderPropagation(_ScheduledCache):
     """Encoder propagation (Faster Diffusion): on key steps run the whole U-Net and keep the encoder's outputs
     (every down-block residual and the mid block's output); on the other steps run only the decoder (up blocks and
     head) on the cached encoder features with the current time embedding. Key steps: :func:`full_steps`
@@ -336,48 +368,38 @@ class EncoderPropagation(Denoiser):
 
     def __init__(self, den: Denoiser, *, interval: int = 2, schedule: str = "nonuniform",
                  full: Sequence[int] | None = None) -> None:
-        self.den = _inner(den, "EncoderPropagation")
-        self.unet = _UNet(self.den.model)
-        full_steps(8, interval, schedule)
-        self.interval, self.schedule_name = interval, schedule
-        self.full = None if full is None else sorted({int(s) for s in full} | {0})
-        self.schedule = self.den.schedule
+        super().__init__(den, interval, schedule, full)
         u = self.den.model
         self.reuse_work = _macs_share(u, [*u.up_blocks, u.conv_out], _unet_probe(u))
 
-    def for_run(self, run: Run) -> Denoiser:
-        steps = max(len(run.times) - 1, 1)
-        full = set(self.full) if self.full is not None else set(full_steps(steps, self.interval,
-                                                                           self.schedule_name))
-        return _Bound(self.den, _EncoderNet(self, run, full))
-
-    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
-        raise TypeError("a cache lives in one run: call it through fewstep.sample()")
-
 
 class _EncoderNet(_CachedNet):
+    method: EncoderPropagation
+
     def __init__(self, method: EncoderPropagation, run: Run, full: set[int]) -> None:
-        super().__init__(method.den, run, full)
-        self.method = method
-        self.cached: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        super().__init__(method, run, full)
+        self.deep: torch.Tensor | None = None  # the mid block's output
+        self.res: list[torch.Tensor] = []  # the encoder's residuals
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         u = self.method.unet
-        step = self.sched.run.step_of(self.t_of_call)
-        reuse = step not in self.sched.full and self.cached is not None and self.cached[0].shape[0] == x.shape[0]
+        step = self.step_now()
+        reuse = self.reuses(step, self.deep, x.shape[0])
         sample, emb, extra = u.embed(x, timestep, cond)
         if not reuse:
-            deep, res = u.down(sample, emb, extra)
-            self.cached = (u.mid(deep, emb, extra), res)
-        assert self.cached is not None
-        out, _ = u.up(self.cached[0], self.cached[1], emb, extra)
-        self.sched.run.report("on_cache", step, reuse, self.method.reuse_work if reuse else 1.0)
+            deep, self.res = u.down(sample, emb, extra)
+            self.deep = u.mid(deep, emb, extra)
+        out, _ = u.up(self.deep, self.res, emb, extra)
+        self.run.report("on_cache", step, reuse, self.method.reuse_work if reuse else 1.0)
         return u.head(out, extra)
+
+
+EncoderPropagation.net_class = _EncoderNet
 
 
 # -- transformers: first-block-residual cache ------------------------------------------------------------------
 
-class BlockCache(Denoiser):
+class BlockCache(_Cache):
     """First-block-residual cache for diffusion transformers (diffusers ``DiTTransformer2DModel``).
 
     Every evaluation runs the patch embedding and the first block, ``r = block_0(h) - h``. For each sample, when
@@ -394,7 +416,7 @@ class BlockCache(Denoiser):
     """
 
     def __init__(self, den: Denoiser, *, threshold: float = 0.05, warmup: int = 1, max_reuse: int = 3) -> None:
-        self.den = _inner(den, "BlockCache")
+        super().__init__(den)
         net = self.den.model
         if type(net).__name__ != "DiTTransformer2DModel":
             raise TypeError(f"BlockCache drives a diffusers DiTTransformer2DModel; got {type(net).__name__}")
@@ -405,19 +427,13 @@ class BlockCache(Denoiser):
         if warmup < 0 or max_reuse < 0:
             raise ValueError("warmup and max_reuse must be >= 0")
         self.threshold, self.warmup, self.max_reuse = float(threshold), int(warmup), int(max_reuse)
-        self.schedule = self.den.schedule
-
-    def for_run(self, run: Run) -> Denoiser:
-        return _Bound(self.den, _BlockCacheNet(self, run))
-
-    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
-        raise TypeError("a cache lives in one run: call it through fewstep.sample()")
 
 
 class _BlockCacheNet(_CachedNet):
+    method: BlockCache
+
     def __init__(self, method: BlockCache, run: Run) -> None:
-        super().__init__(method.den, run, None)
-        self.method = method
+        super().__init__(method, run)
         self.ref: torch.Tensor | None = None  # first-block residual of each sample's last full evaluation
         self.rest: torch.Tensor | None = None  # residual of blocks 1.. at that evaluation
         self.streak: torch.Tensor | None = None
@@ -427,7 +443,7 @@ class _BlockCacheNet(_CachedNet):
         if cond:
             raise TypeError(f"conditioning {sorted(cond)} is not supported by BlockCache")
         net, m = self.method.den.model, self.method
-        step = self.sched.run.step_of(self.t_of_call)
+        step = self.step_now()
         blocks = net.transformer_blocks
         kw = {"attention_mask": None, "encoder_hidden_states": None, "encoder_attention_mask": None,
               "timestep": timestep, "cross_attention_kwargs": None, "class_labels": class_labels}
@@ -463,7 +479,7 @@ class _BlockCacheNet(_CachedNet):
             h[idx] = h1[idx] + self.rest[idx]
         self.streak = torch.where(reuse, self.streak + 1, torch.zeros_like(self.streak))
         work = (1 + (len(blocks) - 1) * compute.numel() / batch) / len(blocks)
-        self.sched.run.report("on_cache", step, bool(reuse.all()), work)
+        self.run.report("on_cache", step, bool(reuse.all()), work)
         # the head, as DiTTransformer2DModel.forward
         conditioning = blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
         shift, scale = net.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
@@ -473,6 +489,9 @@ class _BlockCacheNet(_CachedNet):
         p, c = net.patch_size, net.out_channels
         h = h.reshape(-1, side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, c, side * p, side * p)
+
+
+BlockCache.net_class = _BlockCacheNet
 
 
 def make_cache(den: Denoiser, method: str, **knobs: Any) -> Denoiser:
@@ -550,7 +569,7 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[i
         stats = CacheStats()
         out = sample(make_cache(inner, method, **knobs), solver, steps, shape=shape, seeds=seeds, grid=grid,
                      cond=cond, hooks=[stats])
-        table.append((knobs, *_rel_err(out, exact), _work(stats)))
+        table.append((knobs, *_rel_err(out, exact), stats.mean_work))
     ok = [row for row in table if row[2] <= target_error]
     if not ok:
         base = {"threshold": 0.0} if method == "block" else {"interval": 1, "schedule": "uniform"}
@@ -559,7 +578,16 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[i
     return Calibration(method, knobs, err, upper, work, table)
 
 
-def _work(stats: CacheStats) -> float:
-    """Mean computed fraction of the network per evaluation (multiply-accumulates; 1 = no reuse)."""
-    calls = stats.full + stats.reused
-    return stats.work / calls if calls else 1.0
+def cache_from_spec(den: Denoiser, spec: str, *, solver: Any, steps: int, shape: Sequence[int],
+                    grid: str = "time_quadratic", cond: Cond = None) -> tuple[Denoiser, Calibration | None]:
+    """The cache a command-line spec names around ``den``: ``"deepcache:interval=3"``, ``"none"``, or
+    ``"auto:target_error=0.05[:method=...]"``, which calibrates it (:func:`calibrate_cache`) for ``solver``,
+    ``steps`` and ``grid`` and returns the calibration too."""
+    from fewstep.spec import parse_spec
+
+    name, knobs = parse_spec(spec)
+    if name != "auto":
+        return make_cache(den, name, **knobs), None
+    target = float(knobs.pop("target_error", 0.05))
+    cal = calibrate_cache(den, solver, steps, shape=shape, target_error=target, grid=grid, cond=cond, **knobs)
+    return make_cache(den, cal.method, **cal.knobs), cal

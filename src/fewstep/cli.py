@@ -126,7 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fewstep.bench.report import mosaic
-    from fewstep.caching import CacheStats, calibrate_cache, make_cache
+    from fewstep.caching import CacheStats, cache_from_spec
     from fewstep.hooks import NFECounter, ProgressBar
     from fewstep.sample import sample
     from fewstep.zoo import load
@@ -141,13 +141,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     counter, stats = NFECounter(), CacheStats()
     note = ""
     if args.cache and args.cache != "none":
-        name, knobs = parse_spec(args.cache)
-        if name == "auto":
-            target = float(knobs.pop("target_error", 0.05))
-            cal = calibrate_cache(den, solver, args.steps, shape=shape, target_error=target, grid=args.grid, **knobs)
-            name, knobs = cal.method, cal.knobs
-            note = f" (auto: {name} {knobs}, calibration error {cal.error:.3g})"
-        den = make_cache(den, name, **knobs)
+        den, cal = cache_from_spec(den, args.cache, solver=solver, steps=args.steps, shape=shape, grid=args.grid)
+        if cal is not None:
+            note = f" (auto: {cal.method} {cal.knobs}, calibration error {cal.error:.3g})"
     hooks = [counter, stats] + ([ProgressBar()] if not args.quiet else [])
     cond = None
     if args.label is not None:
@@ -158,9 +154,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cond = {"class_labels": labels}
     x = sample(den, solver, args.steps, shape=shape, seeds=args.seeds, grid=args.grid, hooks=hooks, cond=cond)
     if stats.full + stats.reused:
-        calls = stats.full + stats.reused
-        note += (f"; cache reused {stats.reused} of {calls} evaluations, computed {100 * stats.work / calls:.0f} % "
-                 "of the network")
+        note += (f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations, computed "
+                 f"{100 * stats.mean_work:.0f} % of the network")
     if out.suffix == ".npz":
         np.savez(out, samples=x.numpy(), seeds=np.array(args.seeds), nfe=counter.nfe)
     else:

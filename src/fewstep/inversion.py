@@ -106,10 +106,7 @@ def invert(
             # Sampling resumes at step 1 from z_{N-1} with z_N as the previous point.
             state = BDIAState(z, sched.alpha(g[0]), sched.sigma(g[0]))
             return Inversion(z, times, solver, z_clean, 1, state, model.calls)
-        state = solver.init(x)
-        for step in back:
-            model.step_index = step.index
-            x, state = solver.step(model, x, step, state, None)
+    x = integrate(model, solver, back, x, solver.init(x), torch.flip(times, [0]), hooks)
     return Inversion(x, times, solver, x, 0, solver.init(x), model.calls)
 
 

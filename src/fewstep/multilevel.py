@@ -22,8 +22,16 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.models.base import Cond, Denoiser, Run
+from fewstep.solvers import EulerMaruyama, Step
 
-__all__ = ["Calibration", "Multilevel", "Stitch", "calibrate", "drift_accuracy", "measure_costs", "optimal_probs"]
+__all__ = ["Calibration", "Multilevel", "Stitch", "calibrate", "measure_costs", "optimal_probs"]
+
+
+def _expected_cost(probs: Sequence[float], costs: Sequence[float]) -> float:
+    """Expected cost per call in finest-level units: level ``l`` runs when ``B_l`` or ``B_{l+1}`` is drawn,
+    ``sum_l C_l (1 - (1 - p_l)(1 - p_{l+1})) / C_k``."""
+    p = [*probs, 0.0]
+    return sum(c * (1 - (1 - p[i]) * (1 - p[i + 1])) for i, c in enumerate(costs)) / costs[-1]
 
 
 def _check_family(levels: Sequence[Denoiser], costs: Sequence[float] | None) -> tuple[list[Denoiser], list[float]]:
@@ -75,8 +83,7 @@ class Multilevel(Denoiser):
 
     def expected_cost(self) -> float:
         """Expected cost per call, in finest-level units: ``sum_l C_l P(B_l or B_{l+1})``."""
-        p = [*self.probs, 0.0]
-        return sum(c * (1 - (1 - p[i]) * (1 - p[i + 1])) for i, c in enumerate(self.costs)) / self.costs[-1]
+        return _expected_cost(self.probs, self.costs)
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         raise TypeError("Multilevel draws per-sample random levels; call it through fewstep.sample() (or bind it "
@@ -140,16 +147,12 @@ def optimal_probs(variances: Sequence[float], costs: Sequence[float], *, budget:
         return [1.0] + [min(1.0, max(scale * math.sqrt(max(vl, 0.0) / cl), 1e-6)) for vl, cl in zip(v[1:], c[1:],
                                                                                                   strict=True)]
 
-    def cost(p: list[float]) -> float:
-        q = [*p, 0.0]
-        return sum(cl * (1 - (1 - q[i]) * (1 - q[i + 1])) for i, cl in enumerate(c)) / c[-1]
-
     lo, hi = 0.0, 1.0
-    while cost(probs(hi)) < budget and hi < 1e12:
+    while _expected_cost(probs(hi), c) < budget and hi < 1e12:
         hi *= 2
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cost(probs(mid)) < budget else (lo, mid)
+        lo, hi = (mid, hi) if _expected_cost(probs(mid), c) < budget else (lo, mid)
     return probs(hi)
 
 
@@ -184,12 +187,6 @@ class Calibration:
         return optimal_probs(self.variances, self.costs, budget=budget)
 
 
-def _em_coefficient(schedule: object, t: float, t_next: float) -> float:
-    """Coefficient of ``x0_hat`` in one Euler-Maruyama step (``fewstep.solvers.EulerMaruyama``)."""
-    sb, sbn = schedule.edm_sigma(t), schedule.edm_sigma(t_next)  # type: ignore[attr-defined]
-    return 2.0 * schedule.alpha(t_next) * (sb - sbn) / sb  # type: ignore[attr-defined]
-
-
 def calibrate(levels: Sequence[Denoiser], steps: int, *, shape: Sequence[int], seeds: str | int = 16,
               costs: Sequence[float] | None = None, grid: str = "time_quadratic",
               reference: Denoiser | None = None) -> Calibration:
@@ -204,6 +201,7 @@ def calibrate(levels: Sequence[Denoiser], steps: int, *, shape: Sequence[int], s
     rec = TrajectoryRecorder()
     sample(levels[-1], "euler_maruyama", steps, shape=shape, seeds=seeds, hooks=[rec], grid=grid)
     sched = levels[0].schedule
+    n_steps = len(rec.times) - 1
     times = rec.times
     pairs = [(times[i], times[i + 1], rec.states[i]) for i in range(len(times) - 1) if times[i + 1] > 0]
     if costs is None:  # timed on a batch of 256 (small batches time the overhead, not the network)
@@ -214,7 +212,7 @@ def calibrate(levels: Sequence[Denoiser], steps: int, *, shape: Sequence[int], s
     var, err = [0.0] * k, [0.0] * k
     with torch.no_grad():
         for t, t_next, x in pairs:
-            c2 = _em_coefficient(sched, t, t_next) ** 2
+            c2 = EulerMaruyama.coefficients(Step.of(sched, 0, n_steps, t, t_next))[1] ** 2
             values = [d(x, t).double() for d in levels]
             truth = values[-1] if reference is None else reference(x.double(), t).double()
             for level in range(k):
@@ -222,13 +220,6 @@ def calibrate(levels: Sequence[Denoiser], steps: int, *, shape: Sequence[int], s
                 var[level] += c2 * float(inc.pow(2).mean())
                 err[level] += c2 * float((values[level] - truth).pow(2).mean())
     return Calibration(tuple(float(c) for c in costs), tuple(var), tuple(math.sqrt(e) for e in err))
-
-
-def drift_accuracy(calibration: Calibration) -> list[tuple[float, float]]:
-    """``(cost, error)`` per level (errors relative to the calibration's truth; the finest level has error 0
-    unless an external reference was given): the points on which the cost-accuracy exponent ``gamma``
-    (``C ~ eps^-gamma``) is read, ``gamma = -d log C / d log eps``."""
-    return list(zip(calibration.costs, calibration.errors, strict=True))
 
 
 class Stitch(Denoiser):

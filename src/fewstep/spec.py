@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["format_spec", "parse_options", "parse_spec"]
+__all__ = ["parse_options", "parse_spec"]
 
 
 def parse_options(items: Iterable[str]) -> dict[str, Any]:
@@ -30,8 +30,3 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     if not name:
         raise ValueError(f"bad spec {text!r}: expected name[:key=value...]")
     return name, parse_options(items)
-
-
-def format_spec(name: str, options: dict[str, Any]) -> str:
-    """The inverse of :func:`parse_spec`."""
-    return ":".join([name, *(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in options.items())])

@@ -16,7 +16,7 @@ from fewstep.bench.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
 from fewstep.bench.peers import run_diffusers
 from fewstep.bench.reference import pf_ode_reference
 from fewstep.bench.store import ResultStore
-from fewstep.caching import CacheStats
+from fewstep.caching import CacheStats, cache_from_spec
 from fewstep.grids import make_grid
 from fewstep.hooks import NFECounter
 from fewstep.models.base import Cond, Denoiser, Run
@@ -48,20 +48,6 @@ class _Timed(Denoiser):
         out = self.inner(x, t, cond)
         self.total[0] += time.perf_counter() - t0
         return out
-
-
-def _apply_cache(den: Any, exp: Experiment, solver: Any, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
-    """The experiment's cache around ``den``; ``auto`` calibrates it on seeds 1000-1127 (never the experiment's)."""
-    from fewstep.caching import calibrate_cache, make_cache
-    from fewstep.spec import parse_spec
-
-    name, knobs = parse_spec(exp.cache)
-    if name != "auto":
-        return make_cache(den, name, **knobs), {}
-    target = float(knobs.pop("target_error", 0.05))
-    cal = calibrate_cache(den, solver, exp.steps, shape=shape, target_error=target, grid=exp.grid, **knobs)
-    return make_cache(den, cal.method, **cal.knobs), {"cache_choice": f"{cal.method}:{cal.knobs}",
-                                                      "cache_calibration_error": cal.error}
 
 
 class Context:
@@ -118,15 +104,18 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
     if exp.backend == "fewstep":
         counter, stats = NFECounter(), CacheStats()
         solver = make_solver(exp.solver, **exp.options)
-        if exp.cache:
-            cached, extra = _apply_cache(den, exp, solver, tuple(x_init.shape[1:]))
+        if exp.cache:  # ``auto`` calibrates on seeds 1000-1127, never the experiment's
+            cached, cal = cache_from_spec(den, exp.cache, solver=solver, steps=exp.steps,
+                                          shape=tuple(x_init.shape[1:]), grid=exp.grid)
+            if cal is not None:
+                extra = {"cache_choice": f"{cal.method}:{cal.knobs}", "cache_calibration_error": cal.error}
             timed = _Timed(cached)
             t0 = time.perf_counter()  # calibration is not part of the run's time
         grid = make_grid(exp.grid, den.schedule, exp.steps)
         out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
-            extra["cache_work"] = stats.work / max(stats.full + stats.reused, 1)
+            extra["cache_work"] = stats.mean_work
             extra["cache_reused"] = stats.reused
     else:
         net = den.model

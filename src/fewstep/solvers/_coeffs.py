@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["data_phis", "exp_lagrange_integrals", "lagrange_integrals", "lincomb", "noise_phis", "uni_rhos"]
+__all__ = ["data_phis", "eps_of", "exp_lagrange_integrals", "lagrange_integrals", "lincomb", "noise_phis", "uni_rhos"]
 
 
 def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
@@ -26,6 +26,11 @@ def lincomb(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
         if c != 0.0:
             out.add_(t, alpha=c)
     return out
+
+
+def eps_of(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """The noise prediction ``(x - alpha x0_hat) / sigma`` (the EDM-frame slope ``dxbar/dsbar``)."""
+    return lincomb([(1.0 / sigma, x), (-alpha / sigma, x0)])
 
 
 def data_phis(h: float) -> tuple[float, float, float]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import lagrange_integrals, lincomb
+from fewstep.solvers._coeffs import eps_of, lagrange_integrals, lincomb
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
 
@@ -53,7 +53,7 @@ class DEIS(Solver):
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, History)
         sched = model.schedule
-        eps = lincomb([(1.0 / step.sigma_cur, x), (-step.alpha_cur / step.sigma_cur, model(x, step.t_cur))])
+        eps = eps_of(x, model(x, step.t_cur), step.alpha_cur, step.sigma_cur)
         hist = state.push(step.lam_cur, eps, self.solver_order)
         order = multistep_order(self.solver_order, len(hist.lams), step, self.lower_order_final)
         lams = hist.lams[-order:]
@@ -112,7 +112,7 @@ class IPNDM(Solver):
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, History)
         # d = (xbar - D)/sbar = eps_hat
-        d = lincomb([(1.0 / step.sigma_cur, x), (-step.alpha_cur / step.sigma_cur, model(x, step.t_cur))])
+        d = eps_of(x, model(x, step.t_cur), step.alpha_cur, step.sigma_cur)
         hist = state.push(step.lam_cur, d, self.solver_order)
         weights = self._weights[multistep_order(self.solver_order, len(hist.lams), step, False) - 1]
         # x_next = alpha_next (xbar + (sbar_next - sbar) sum_j w_j d_j)

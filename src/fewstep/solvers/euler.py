@@ -151,13 +151,20 @@ class EulerMaruyama(Solver):
     def stochastic(self) -> bool:
         return True
 
-    def step(
-        self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
-    ) -> tuple[torch.Tensor, State]:
+    @staticmethod
+    def coefficients(step: Step) -> tuple[float, float, float]:
+        """``(c_x, c_x0, c_z)`` of ``x_next = c_x x + c_x0 x0_hat + c_z z`` (the multilevel calibration weighs
+        drift differences by ``c_x0``)."""
         sbar, sbar_next = step.sbar_cur, step.sbar_next
         a = step.alpha_next
         k = 2.0 * (sbar_next - sbar) / sbar  # drift 2 (sbar_next - sbar)(xbar - D)/sbar
-        terms = [(a * (1.0 + k) / step.alpha_cur, x), (-a * k, model(x, step.t_cur))]
+        return a * (1.0 + k) / step.alpha_cur, -a * k, a * math.sqrt(2.0 * sbar * (sbar - sbar_next))
+
+    def step(
+        self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, State]:
+        c_x, c_x0, c_z = self.coefficients(step)
+        terms = [(c_x, x), (c_x0, model(x, step.t_cur))]
         if noise is not None:
-            terms.append((a * math.sqrt(2.0 * sbar * (sbar - sbar_next)), noise))
+            terms.append((c_z, noise))
         return lincomb(terms), state

@@ -83,8 +83,9 @@ class EVODiff(Solver):
         return per + ([1] if to_zero else [])
 
     @staticmethod
-    def _vp_sigma(alpha: float, sigma: float) -> float:
-        return sigma / math.hypot(alpha, sigma)
+    def _vp_sigma(lam: float) -> float:
+        """The VP noise std at half log-SNR ``lam``: ``sigma/sqrt(alpha^2 + sigma^2) = 1/sqrt(1 + e^{2 lam})``."""
+        return 1.0 / math.sqrt(1.0 + math.exp(2.0 * lam))
 
     def step(
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
@@ -94,8 +95,7 @@ class EVODiff(Solver):
         m0 = hist.values[-1]
         weight = step.alpha_next * -math.expm1(-step.h)  # A
         x_e = lincomb([(step.sigma_next / step.sigma_cur, x), (weight, m0)])
-        s_t = self._vp_sigma(step.alpha_next, step.sigma_next)
-        s_s = self._vp_sigma(step.alpha_cur, step.sigma_cur)
+        s_t, s_s = self._vp_sigma(step.lam_next), self._vp_sigma(step.lam_cur)
         if len(hist.values) < 2:  # warm-up: DDIM
             if step.last:
                 return x_e, hist
@@ -111,7 +111,7 @@ class EVODiff(Solver):
             return lincomb([(1 - math.sqrt(s_t * s_s), x_e), (0.5 * weight, m0), (-0.5 * weight * r_f, m1)]), hist
         lam_prev = hist.lams[-2]
         sched = model.schedule
-        s_p = self._vp_sigma(sched.alpha(sched.inverse_lam(lam_prev)), sched.sigma(sched.inverse_lam(lam_prev)))
+        s_p = self._vp_sigma(lam_prev)
         r = (step.lam_cur - lam_prev) / step.h
         tn = step.t_next / sched.t_max
         w = 0.5 * (1 - tn * tn)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import exp_lagrange_integrals, lincomb
+from fewstep.solvers._coeffs import eps_of, exp_lagrange_integrals, lincomb
 from fewstep.solvers._history import History
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
 
@@ -69,7 +69,7 @@ class ForwardValue(Solver):
                                                                                  strict=True)]
             lookahead = lincomb(terms)
         m = model(lookahead, step.t_next)
-        eps = lincomb([(1.0 / step.sigma_next, lookahead), (-step.alpha_next / step.sigma_next, m)])
+        eps = eps_of(lookahead, m, step.alpha_next, step.sigma_next)
         hist = state.push(step.lam_next, eps, self.lookahead_order)
         x_next = lincomb([(step.sigma_next / step.sigma_cur, x), (-step.alpha_next * math.expm1(-step.h), m)])
         return x_next, hist

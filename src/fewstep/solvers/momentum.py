@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.solvers._coeffs import data_phis, lincomb
+from fewstep.solvers._coeffs import data_phis, eps_of, lincomb
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
 
@@ -30,9 +30,9 @@ def _check_beta(beta: float) -> float:
     return float(beta)
 
 
-def _eps_hat(x: torch.Tensor, x0: torch.Tensor, step: Step) -> torch.Tensor:
-    """``eps_hat = (x - alpha x0_hat)/sigma``: the EDM-frame slope ``dxbar/dsbar``."""
-    return lincomb([(1.0 / step.sigma_cur, x), (-step.alpha_cur / step.sigma_cur, x0)])
+def _heavy_ball(velocities: tuple[torch.Tensor, ...], value: torch.Tensor, beta: float) -> torch.Tensor:
+    """``v_{n+1} = (1 - beta) v_n + beta value``; the first velocity is the value itself."""
+    return value if not velocities else lincomb([(1.0 - beta, velocities[-1]), (beta, value)])
 
 
 def _edm_step(x: torch.Tensor, direction: torch.Tensor, step: Step) -> torch.Tensor:
@@ -87,7 +87,7 @@ class HeavyBall(Solver):
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, _MomentumState)
         x0 = model(x, step.t_cur)
-        value = x0 if self.base == "dpmpp_2m" else _eps_hat(x, x0, step)
+        value = x0 if self.base == "dpmpp_2m" else eps_of(x, x0, step.alpha_cur, step.sigma_cur)
         hist = state.hist.push(step.lam_cur, value, self.solver_order)
         order = multistep_order(self.solver_order, len(hist.lams), step, self.lower_order_final)
         if self.base == "dpmpp_2m":
@@ -98,8 +98,7 @@ class HeavyBall(Solver):
                 combo = hist.values[-1]
         else:
             combo = lincomb([(w, v) for w, v in zip(_AB[order - 1], reversed(hist.values), strict=False)])
-        vel = combo if not state.velocities else lincomb([(1.0 - self.beta, state.velocities[-1]),
-                                                          (self.beta, combo)])
+        vel = _heavy_ball(state.velocities, combo, self.beta)
         if self.base == "dpmpp_2m":
             phi1, _, _ = data_phis(step.h)
             x_next = lincomb([(step.sigma_next / step.sigma_cur, x), (-step.alpha_next * phi1, vel)])
@@ -156,9 +155,9 @@ class GHVB(Solver):
         self, model: Model, x: torch.Tensor, step: Step, state: State, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, State]:
         assert isinstance(state, _MomentumState)
-        eps = _eps_hat(x, model(x, step.t_cur), step)
+        eps = eps_of(x, model(x, step.t_cur), step.alpha_cur, step.sigma_cur)
         b = self.beta
-        vel = eps if not state.velocities else lincomb([(1.0 - b, state.velocities[-1]), (b, eps)])
+        vel = _heavy_ball(state.velocities, eps, b)
         velocities = (*state.velocities, vel)[-self.solver_order:]
         c = min(self.solver_order, len(velocities))
         denom, weights = _GHVB[c - 1]
