@@ -113,8 +113,14 @@ def sweep(
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
     (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
     knobs as a spec, ``"sa_solver:tau=0:predictor_order=3"``; each fewstep run is repeated for every cache spec of
-    ``caches`` (``""`` or ``"none"``: uncached)."""
-    from fewstep.bench.peers import compatible, counterpart
+    ``caches`` (``""`` or ``"none"``: uncached).
+
+    Not every diffusers scheduler can drive every model (DDPM-family schedulers need a beta schedule; a
+    rectified-flow model runs only with ``Euler``, see :func:`fewstep.bench.peers.compatible`). A peer named in
+    ``peers`` that cannot drive one of ``models`` is refused here, before anything runs, with a ``ValueError``
+    naming the peers that do apply; an automatic counterpart (``with_diffusers``) that does not apply to a model is
+    skipped for that model, since nobody asked for it by name."""
+    from fewstep.bench.peers import PEERS, applicable, compatible, counterpart
     from fewstep.spec import parse_spec
 
     steps = list(steps)
@@ -122,12 +128,21 @@ def sweep(
     caches = ["" if c in ("", "none") else c for c in caches]
     out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c)
            for m, (name, opts), n, c in itertools.product(models, specs, steps, caches)]
+    for p in peers:  # up front: an unknown label must not pass silently as 'not applicable'
+        if p not in PEERS:
+            raise ValueError(f"unknown diffusers solver {p!r}{suggest(p, PEERS)}; known: {', '.join(PEERS)}")
+    named = list(dict.fromkeys(peers))
     chosen = [p for name, _ in specs if (p := counterpart(name)) is not None] if with_diffusers else []
-    peers = list(dict.fromkeys([*chosen, *peers]))
     for m in models:
-        config = _scheduler_config(m) if peers else {}
+        config = _scheduler_config(m) if named or chosen else {}
+        for p in named:
+            if not compatible(p, config):
+                raise ValueError(f"diffusers peer {p!r} cannot run model {m!r} (its scheduler is "
+                                 f"{config.get('_class_name')}); peers that apply to it: "
+                                 + ", ".join(applicable(config)))
+        auto = [p for p in chosen if compatible(p, config)]
         out += [Experiment(m, p, n, grid, seeds, backend="diffusers")
-                for p, n in itertools.product(peers, steps) if compatible(p, config)]
+                for p, n in itertools.product(dict.fromkeys([*auto, *named]), steps)]
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEERS", "compatible", "counterpart", "run_diffusers"]
+__all__ = ["PEERS", "applicable", "compatible", "counterpart", "run_diffusers"]
 
 # label: (diffusers class name, pinned config overrides, fewstep solver it is compared with)
 PEERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -32,8 +32,15 @@ def _is_flow(config: Mapping[str, Any]) -> bool:
 
 def compatible(label: str, scheduler_config: Mapping[str, Any]) -> bool:
     """Whether diffusers' scheduler ``label`` can drive a model trained with ``scheduler_config``: DDPM-family
-    schedulers need a beta schedule; rectified-flow models run only with ``Euler`` (``FlowMatchEulerDiscrete``)."""
+    schedulers need a beta schedule; rectified-flow models run only with ``Euler`` (``FlowMatchEulerDiscrete``).
+    An empty config (a model folder without one) is not judged here: it is accepted."""
     return label == "Euler" if _is_flow(scheduler_config) else True
+
+
+def applicable(scheduler_config: Mapping[str, Any]) -> list[str]:
+    """The peer labels that can drive a model trained with ``scheduler_config``, in :data:`PEERS` order (named in
+    the error that refuses the others)."""
+    return [label for label in PEERS if compatible(label, scheduler_config)]
 
 
 def counterpart(solver: str) -> str | None:
@@ -68,13 +75,15 @@ def run_diffusers(
     accepted = set(inspect.signature(cls).parameters)
     scheduler = cls(**{k: v for k, v in config.items() if k in accepted})
     scheduler.set_timesteps(steps)
-    x = x_init * scheduler.init_noise_sigma
+    # FlowMatchEulerDiscreteScheduler has neither: its noise has unit scale and its input is not rescaled
+    x = x_init * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda sample, _t: sample)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     calls = 0
     with torch.no_grad():
         for t in scheduler.timesteps:
             calls += 1
-            out = net(scheduler.scale_model_input(x, t), t)
+            out = net(scale_input(x, t), t)
             x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x, calls

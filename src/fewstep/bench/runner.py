@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -146,16 +147,50 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
 
 
 def run_sweep(
-    experiments: Sequence[Experiment], store: ResultStore, *, force: bool = False, progress: bool | None = None
+    experiments: Sequence[Experiment],
+    store: ResultStore,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    run: Callable[[Experiment, Context], tuple[dict[str, Any], torch.Tensor]] | None = None,
+    poll: float = 0.5,
 ) -> int:
-    """Run every experiment not yet in ``store`` (all of them with ``force``); returns how many ran. Each result is
-    committed as soon as it is measured, so an interrupted sweep resumes where it stopped."""
+    """Run every experiment not yet in ``store`` (all of them with ``force``) with ``run`` (default
+    :func:`run_experiment`); returns how many this process ran. Each result is committed as soon as it is measured,
+    so an interrupted sweep resumes where it stopped.
+
+    Sweeps running beside each other on one store share the work through claims (see :mod:`fewstep.bench.store`):
+    an experiment claimed by another live sweep is skipped at first and, once every other one is done, waited for
+    (polling every ``poll`` seconds) until its result appears or its claim lapses and this sweep runs it. Together
+    the sweeps run each experiment once and each ends with all results present. ``force`` reruns results written
+    before this sweep began, but not one that a forced sweep beside it rewrote meanwhile."""
     from tqdm.auto import tqdm
 
-    todo = [e for e in experiments if force or not store.has(e)]
+    run = run or run_experiment  # looked up now, so that a patched ``run_experiment`` is used
+    since = time.time() if force else None
+    todo = list({e.key: e for e in experiments if force or not store.has(e)}.values())
     ctx = Context(store)
     show = sys.stderr.isatty() if progress is None else progress
-    for exp in tqdm(todo, desc="experiments", disable=not show):
-        record, out = run_experiment(exp, ctx)
-        store.put(exp, record, out)
-    return len(todo)
+    ran = 0
+    with tqdm(total=len(todo), desc="experiments", disable=not show) as bar, store.heartbeat():
+        while todo:
+            busy = []
+            for exp in todo:
+                state = store.claim(exp, since=since)
+                if state == "busy":
+                    busy.append(exp)
+                    continue
+                if state == "claimed":
+                    try:
+                        record, out = run(exp, ctx)
+                    except BaseException:
+                        with contextlib.suppress(ValueError):  # else the claim lapses with its lease
+                            store.release(exp)
+                        raise
+                    store.put(exp, record, out)
+                    ran += 1
+                bar.update(1)
+            if len(busy) == len(todo):  # no progress this pass: the rest is in other sweeps' hands
+                time.sleep(poll)
+            todo = busy
+    return ran
