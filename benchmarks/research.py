@@ -18,9 +18,11 @@ from fewstep.grids import logsnr
 from fewstep.schedules import DiscreteVP, LinearVP
 from fewstep.zoo import AnalyticDenoiser, gaussian, gaussian_mixture
 
-MOMENTUM = [("ghvb", {"order": 4, "beta": 1.0}, "PLMS-4 (AB4)"), ("hb", {"base": "plms", "order": 4, "beta": 0.8},
-            "HB 0.8 on PLMS-4"), ("ghvb", {"order": 4, "beta": 0.3}, "GHVB 3.3"),
-            ("ghvb", {"order": 3, "beta": 1.0}, "PLMS-3 (AB3)"), ("ghvb", {"order": 3, "beta": 0.5}, "GHVB 2.5"),
+MOMENTUM = [("ghvb", {"solver_order": 4, "beta": 1.0}, "PLMS-4 (AB4)"),
+            ("hb", {"base": "plms", "solver_order": 4, "beta": 0.8}, "HB 0.8 on PLMS-4"),
+            ("ghvb", {"solver_order": 4, "beta": 0.3}, "GHVB 3.3"),
+            ("ghvb", {"solver_order": 3, "beta": 1.0}, "PLMS-3 (AB3)"),
+            ("ghvb", {"solver_order": 3, "beta": 0.5}, "GHVB 2.5"),
             ("dpmpp_2m", {}, "DPM++2M"), ("hb", {"beta": 0.8}, "HB 0.8 on DPM++2M")]
 
 

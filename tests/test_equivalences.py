@@ -77,6 +77,6 @@ def test_unip2_bh2_without_corrector_is_dpmpp_2m(gmm_problem):
     """UniP-2 with B(h) = expm1(-h) and rho = 1/2 is DPM-Solver++(2M) (midpoint), term for term."""
     den, t0, t1, x, _ = gmm_problem
     grid = logsnr(den.schedule, 15, t_start=t0, t_end=t1)
-    a = sample(den, make_solver("unipc", order=2, variant="bh2", corrector=False), grid, x_init=x)
+    a = sample(den, make_solver("unipc", solver_order=2, variant="bh2", corrector=False), grid, x_init=x)
     b = sample(den, make_solver("dpmpp_2m"), grid, x_init=x)
     assert rel_err(a, b) < 1e-12

@@ -87,8 +87,8 @@ def test_bad_solver_knobs(knob):
         make_solver("ddim", **knob)
 
 
-@pytest.mark.parametrize("name,knob", [("unipc", {"order": 4}), ("unipc", {"variant": "bh3"}),
-                                       ("deis", {"interpolate_in": "lam"}), ("dpm_solver_2", {"order": 5})])
+@pytest.mark.parametrize("name,knob", [("unipc", {"solver_order": 4}), ("unipc", {"variant": "bh3"}),
+                                       ("deis", {"interpolate_in": "lam"}), ("dpm_solver_2", {"solver_order": 5})])
 def test_bad_choices(name, knob):
     with pytest.raises((ValueError, TypeError)):
         make_solver(name, **knob)

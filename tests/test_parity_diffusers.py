@@ -51,13 +51,13 @@ CASES = {
     "dpmpp_3m_compat": (diffusers.DPMSolverMultistepScheduler, dict(solver_order=3), "dpmpp_3m_compat", {}, 0.0,
                         False),
     "unipc_bh2": (diffusers.UniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2"), "unipc",
-                  dict(order=2, variant="bh2"), 0.0, False),
+                  dict(solver_order=2, variant="bh2"), 0.0, False),
     # diffusers' bh1 returns NaN when the last sigma is 0 (B(h) = -h = -inf times a zero residual), so this case
     # ends at sigma_min, as diffusers' final_sigmas_type="sigma_min" does.
     "unipc_bh1_3": (diffusers.UniPCMultistepScheduler, dict(solver_order=3, solver_type="bh1",
-                    final_sigmas_type="sigma_min"), "unipc", dict(order=3, variant="bh1"), None, False),
-    "deis": (diffusers.DEISMultistepScheduler, dict(solver_order=3), "deis", dict(order=3, interpolate_in="logrho"),
-             None, False),
+                    final_sigmas_type="sigma_min"), "unipc", dict(solver_order=3, variant="bh1"), None, False),
+    "deis": (diffusers.DEISMultistepScheduler, dict(solver_order=3), "deis",
+             dict(solver_order=3, interpolate_in="logrho"), None, False),
 }
 
 
@@ -130,6 +130,30 @@ def test_parity_sa_solver_sde_same_noise(steps, p, c, monkeypatch):
     seeds = list(range(6))
     solver = make_solver("sa_solver", predictor_order=p, corrector_order=c, tau=1.0, tau_window=(0.0, 1.0),
                          modified_order2=True)
+    ours = sample(den, solver, grid, shape=(16,), seeds=seeds, dtype=torch.float64)
+
+    from fewstep.noise import SampleNoise
+
+    source = SampleNoise(seeds, (16,), dtype=torch.float64)
+    x_t = source.draw()
+    import diffusers.schedulers.scheduling_sasolver as sa_module
+
+    monkeypatch.setattr(sa_module, "randn_tensor", lambda *a, **k: source.draw())
+    theirs = _run_diffusers(scheduler, net, x_t, steps, 1.0, False)
+    assert rel_err(ours, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_parity_sa_solver_default_tau_window_same_noise(steps, monkeypatch):
+    """diffusers' default ``tau_func`` (tau = 1 iff 200 <= timestep <= 800) against our default ``tau_window``
+    at 10 and 20 trailing steps, whose grids include training step 199 (outside) and 799 (inside)."""
+    schedule, net, den = _setup("epsilon")
+    scheduler = diffusers.SASolverScheduler(**CONFIG, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    assert 199 in scheduler.timesteps.tolist() and 799 in scheduler.timesteps.tolist()
+    grid = _grid(schedule, scheduler, schedule.t_min)
+    seeds = list(range(6))
+    solver = make_solver("sa_solver", modified_order2=True)
     ours = sample(den, solver, grid, shape=(16,), seeds=seeds, dtype=torch.float64)
 
     from fewstep.noise import SampleNoise

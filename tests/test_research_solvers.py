@@ -60,9 +60,10 @@ def test_sa_solver_tau1_matches_the_data_distribution():
 def test_ghvb_beta1_is_adams_bashforth(order, gmm_problem):
     den, t0, t1, x, _ = gmm_problem
     grid = logsnr(den.schedule, 10, to_zero=True, t_start=t0)
-    ghvb = sample(den, make_solver("ghvb", order=order, beta=1.0), grid, x_init=x)
-    hb = sample(den, make_solver("hb", base="plms", order=order, beta=1.0, lower_order_final=False), grid, x_init=x)
-    ab = sample(den, make_solver("ipndm", order=order), grid, x_init=x)
+    ghvb = sample(den, make_solver("ghvb", solver_order=order, beta=1.0), grid, x_init=x)
+    hb = sample(den, make_solver("hb", base="plms", solver_order=order, beta=1.0, lower_order_final=False), grid,
+                x_init=x)
+    ab = sample(den, make_solver("ipndm", solver_order=order), grid, x_init=x)
     assert rel_err(ghvb, ab) < 1e-12 and rel_err(hb, ab) < 1e-12
 
 
@@ -93,8 +94,8 @@ def test_momentum_avoids_the_divergence_of_plain_multistep(guided, steps):
         out = sample(model, make_solver(name, **knobs), steps, x_init=x, cond=1, grid="time_quadratic", check=False)
         return rmse(out, ref)
 
-    ab3, ab4 = err("ghvb", order=3, beta=1.0), err("ghvb", order=4, beta=1.0)
-    ghvb, hb = err("ghvb", order=3, beta=0.5), err("hb", base="plms", order=4, beta=0.8)
+    ab3, ab4 = err("ghvb", solver_order=3, beta=1.0), err("ghvb", solver_order=4, beta=1.0)
+    ghvb, hb = err("ghvb", solver_order=3, beta=0.5), err("hb", base="plms", solver_order=4, beta=0.8)
     assert ab3 > 0.3 and ab4 > 1.0, (ab3, ab4)
     assert ghvb < ab3 / 5 and hb < ab4 / 5, (ghvb, ab3, hb, ab4)
 
@@ -193,9 +194,9 @@ def test_inversion_errors(to_invert):
 
 
 @pytest.mark.parametrize(("name", "knobs"), [
-    ("hb", {"beta": 0.0}), ("hb", {"beta": 1.5}), ("ghvb", {"beta": -0.1}), ("ghvb", {"order": 5}),
-    ("hb", {"base": "dpmpp_2m", "order": 3}), ("sa_solver", {"tau": -1.0}), ("sa_solver", {"corrector_order": 5}),
-    ("sa_solver", {"tau_window": (0.8, 0.2)}), ("bdia", {"gamma": 1.5}), ("f_dpmsolver", {"order": 4}),
+    ("hb", {"beta": 0.0}), ("hb", {"beta": 1.5}), ("ghvb", {"beta": -0.1}), ("ghvb", {"solver_order": 5}),
+    ("hb", {"base": "dpmpp_2m", "solver_order": 3}), ("sa_solver", {"tau": -1.0}),
+    ("sa_solver", {"corrector_order": 5}), ("sa_solver", {"tau_window": (0.8, 0.2)}), ("bdia", {"gamma": 1.5}),
 ])
 def test_bad_research_knobs(name, knobs):
     with pytest.raises(ValueError):

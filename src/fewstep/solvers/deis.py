@@ -19,14 +19,14 @@ class DEIS(Solver):
     """DEIS-AB-r: ``xbar_next = xbar + sum_j C_j eps_hat_j`` in the EDM frame (``xbar = x/alpha``,
     ``rho = sigma/alpha``, where ``dxbar/drho = eps_hat`` holds exactly), with
     ``C_j = int_{rho_cur}^{rho_next} l_j(u(rho)) drho`` for the Lagrange basis ``l_j`` through the last
-    ``order`` evaluation points in the variable ``u``:
+    ``solver_order`` evaluation points in the variable ``u``:
 
     * ``interpolate_in="t"``: tAB-DEIS, the paper's recommended variant (polynomial in the schedule's time);
     * ``"rho"``: rhoAB-DEIS;
     * ``"logrho"``: the variant diffusers' ``DEISMultistepScheduler`` implements.
 
-    Warm-up orders 1, 2, ...; ``lower_order_final`` lowers the order on the final steps. Order ``order``
-    (1-3); 1 NFE per step. Coefficients by 48-point Gauss-Legendre quadrature per step (float64).
+    Warm-up orders 1, 2, ...; ``lower_order_final`` lowers the order on the final steps. Order
+    ``solver_order`` (1-3); 1 NFE per step. Coefficients by 48-point Gauss-Legendre quadrature per step (float64).
 
     References: *Fast Sampling of Diffusion Models with Exponential Integrator* (Zhang & Chen, ICLR 2023).
     """
@@ -34,10 +34,10 @@ class DEIS(Solver):
     name = "deis"
     paper = _DEIS
 
-    def __init__(self, *, order: int = 3, interpolate_in: str = "t", lower_order_final: bool = True) -> None:
-        check_choice("order", order, (1, 2, 3))
+    def __init__(self, *, solver_order: int = 3, interpolate_in: str = "t", lower_order_final: bool = True) -> None:
+        check_choice("solver_order", solver_order, (1, 2, 3))
         check_choice("interpolate_in", interpolate_in, ("t", "rho", "logrho"))
-        self.solver_order = order
+        self.solver_order = solver_order
         self.interpolate_in = interpolate_in
         self.lower_order_final = bool(lower_order_final)
 
@@ -80,11 +80,11 @@ class DEIS(Solver):
 class IPNDM(Solver):
     """Improved PNDM: fixed-coefficient Adams-Bashforth on ``d = eps_hat`` in the EDM frame,
     ``xbar_next = xbar + (sbar_next - sbar) e``, with ``e`` = ``d0``, ``(3 d0 - d1)/2``,
-    ``(23 d0 - 16 d1 + 5 d2)/12``, ``(55 d0 - 59 d1 + 37 d2 - 9 d3)/24`` as history allows (up to ``order``).
+    ``(23 d0 - 16 d1 + 5 d2)/12``, ``(55 d0 - 59 d1 + 37 d2 - 9 d3)/24`` as history allows (up to ``solver_order``).
 
-    The weights are those of Adams-Bashforth of order ``order`` (default 4) for equal steps in ``sbar``. They
+    The weights are those of Adams-Bashforth of order ``solver_order`` (default 4) for equal steps in ``sbar``. They
     ignore step-size ratios, and the warm-up starts with an Euler step, so the global convergence order is 2
-    (declared; measured in ``tests/test_orders.py``) for ``order >= 2``. It is nevertheless among the best
+    (declared; measured in ``tests/test_orders.py``) for ``solver_order >= 2``. It is nevertheless among the best
     solvers at 3-10 steps on the Karras grid (see the iPNDM tables of the DEIS and diff-sampler works).
     1 NFE per step.
 
@@ -96,9 +96,9 @@ class IPNDM(Solver):
     paper = _DEIS
     _weights = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
-    def __init__(self, *, order: int = 4) -> None:
-        check_choice("order", order, (1, 2, 3, 4))
-        self.solver_order = order
+    def __init__(self, *, solver_order: int = 4) -> None:
+        check_choice("solver_order", solver_order, (1, 2, 3, 4))
+        self.solver_order = solver_order
 
     @property
     def order(self) -> int:

@@ -27,7 +27,8 @@ class DPMSolver(Solver):
       ``x_t = (alpha_t/alpha_s) x - sigma_t expm1(h) eps_s - sigma_t expm1(h)/(2 r1) (eps(u) - eps_s)``
     * k=3 (r1 = 1/3, r2 = 2/3): Algorithm 2 of the paper ("DPM-Solver-3").
 
-    Order k. Intermediate points are at lam-fractions of the step, so any grid works.
+    ``solver_order`` chooses k; the declared order (``order``) is k. Intermediate points are at lam-fractions of
+    the step, so any grid works.
 
     References: *DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around 10 Steps*
     (Lu et al., NeurIPS 2022).
@@ -35,9 +36,9 @@ class DPMSolver(Solver):
 
     paper = _DPM
 
-    def __init__(self, *, order: int = 2) -> None:
-        check_choice("order", order, (1, 2, 3))
-        self._order = order
+    def __init__(self, *, solver_order: int = 2) -> None:
+        check_choice("solver_order", solver_order, (1, 2, 3))
+        self._order = solver_order
 
     @property
     def name(self) -> str:  # type: ignore[override]

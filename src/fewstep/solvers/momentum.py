@@ -49,7 +49,7 @@ class HeavyBall(Solver):
 
     * ``base="dpmpp_2m"``: DPM-Solver++(2M) in data form, ``f = x0_hat``, the combination ``m0 + D1/2`` and the
       step ``x_t = (sigma_t/sigma_s) x - alpha_t expm1(-h) v`` (the paper's ADM experiments, HB 0.8);
-    * ``base="plms"``: Adams-Bashforth of order ``order`` on ``f = eps_hat`` in the EDM frame
+    * ``base="plms"``: Adams-Bashforth of order ``solver_order`` on ``f = eps_hat`` in the EDM frame
       (``dxbar/dsbar = eps_hat``, fixed equal-step weights as PLMS / iPNDM, ``delta = sbar_next - sbar``).
 
     Momentum damps the oscillation that makes multistep methods diverge at few steps with large guidance (it
@@ -64,15 +64,15 @@ class HeavyBall(Solver):
     name = "hb"
     paper = _MOM
 
-    def __init__(self, *, beta: float = 0.8, base: str = "dpmpp_2m", order: int = 2,
+    def __init__(self, *, beta: float = 0.8, base: str = "dpmpp_2m", solver_order: int = 2,
                  lower_order_final: bool = True) -> None:
         self.beta = _check_beta(beta)
         check_choice("base", base, ("dpmpp_2m", "plms"))
-        check_choice("order", order, (1, 2, 3, 4))
-        if base == "dpmpp_2m" and order != 2:
-            raise ValueError("base='dpmpp_2m' is second order; order applies to base='plms'")
+        check_choice("solver_order", solver_order, (1, 2, 3, 4))
+        if base == "dpmpp_2m" and solver_order != 2:
+            raise ValueError("base='dpmpp_2m' is second order; solver_order applies to base='plms'")
         self.base = base
-        self.solver_order = order
+        self.solver_order = solver_order
         self.lower_order_final = bool(lower_order_final)
 
     @property
@@ -117,7 +117,7 @@ _GHVB = (
 
 
 class GHVB(Solver):
-    """Generalized heavy ball of order ``r`` (1-4), "GHVB (r - 1 + beta)":
+    """Generalized heavy ball of order ``r`` (1-4; the knob ``solver_order``), "GHVB (r - 1 + beta)":
 
     ``v_{n+1} = (1 - beta) v_n + beta eps_hat(x_n)`` (``v`` starts at the first ``eps_hat``), then an
     Adams-Bashforth-like combination of the velocities with ``beta``-dependent weights (``c = min(r, n)``):
@@ -139,9 +139,9 @@ class GHVB(Solver):
     name = "ghvb"
     paper = _MOM
 
-    def __init__(self, *, order: int = 2, beta: float = 0.8) -> None:
-        check_choice("order", order, (1, 2, 3, 4))
-        self.solver_order = order
+    def __init__(self, *, solver_order: int = 2, beta: float = 0.8) -> None:
+        check_choice("solver_order", solver_order, (1, 2, 3, 4))
+        self.solver_order = solver_order
         self.beta = _check_beta(beta)
 
     @property

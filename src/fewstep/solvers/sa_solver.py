@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.schedules import DiscreteVP, NoiseSchedule
 from fewstep.solvers._coeffs import exp_lagrange_integrals, lincomb
 from fewstep.solvers._history import History
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
@@ -38,8 +39,14 @@ class SASolver(Solver):
       **same noise** ``xi``): nodes ``lam_t, lam_s, ...``. ``m_t`` is kept as history, not re-evaluated at the
       corrected point, so NFE = steps. ``corrector_order=0`` turns the corrector off.
 
-    ``tau`` applies where ``t / t_max`` lies in ``tau_window`` (the paper's and diffusers' default ``tau = 1`` on
-    ``[0.2, 0.8]``, deterministic at both ends), and is taken at the start of each step. With ``tau = 0`` the
+    ``tau`` applies on the steps that start inside ``tau_window = (lo, hi)`` (deterministic at both ends) and is
+    taken at the start of each step (the corrector reuses its predictor's ``tau``). On a discrete schedule
+    (:class:`~fewstep.schedules.DiscreteVP`, ``N`` training steps) the window is decided on the model's integer
+    training timestep, as diffusers does: ``n = round(N t - 1)`` (the nearest training step for off-table times,
+    as diffusers rounds Karras timesteps) must satisfy ``lo N <= n <= hi N``. The default ``(0.2, 0.8)`` with
+    ``N = 1000`` is diffusers' default ``tau_func``, ``tau = 1`` iff ``200 <= timestep <= 800`` (diffusers keeps
+    200 and 800 for any ``N``; we scale them with ``N``). On continuous schedules the window is on the fraction
+    of the time interval, ``lo <= t / t_max <= hi``. With ``tau = 0`` the
     predictor alone is the exponential Adams-Bashforth method in ``lam`` (= DPM-Solver++(kM) with exact
     Lagrange integration, ``dpmpp_3m_sde(eta=0)`` for ``p = 3``: tested). ``modified_order2=True`` adds the
     O(h^3) "few steps" rescaling of order-2 data-prediction coefficients (the paper's Appendix D; diffusers always
@@ -93,9 +100,15 @@ class SASolver(Solver):
     def init(self, x: torch.Tensor) -> State:
         return _SAState()
 
-    def _tau_at(self, t: float, t_max: float) -> float:
+    def _tau_at(self, t: float, schedule: NoiseSchedule) -> float:
+        """``tau`` of a step starting at ``t``: see the class docstring for the window rule."""
         lo, hi = self.tau_window
-        return self.tau if lo <= t / t_max <= hi else 0.0
+        if isinstance(schedule, DiscreteVP):
+            n, size = round(schedule.index(t)), schedule.num_train_timesteps
+            inside = lo * size - 1e-9 <= n <= hi * size + 1e-9  # 1e-9: 0.7 * 1000 = 700.0000000000001
+        else:
+            inside = lo <= t / schedule.t_max <= hi
+        return self.tau if inside else 0.0
 
     def _update(
         self, x_s: torch.Tensor, step: Step, tau: float, lams: list[float], values: list[torch.Tensor],
@@ -135,7 +148,7 @@ class SASolver(Solver):
         if self.lower_order_final:
             p = min(p, step.remaining)
             c = min(c, step.remaining + 1)
-        tau = self._tau_at(step.t_cur, model.schedule.t_max)
+        tau = self._tau_at(step.t_cur, model.schedule)
         x_next = self._update(x, step, tau, list(reversed(hist.lams[-p:])), list(reversed(hist.values[-p:])),
                               noise, corrector=False)
         return x_next, _SAState(hist, x, step, tau, noise, c)

@@ -22,7 +22,7 @@ class _UniPCState(State):
 
 
 class UniPC(Solver):
-    """UniPC-p (p = 1, 2, 3) with ``B(h) = -h`` (``bh1``) or ``expm1(-h)`` (``bh2``).
+    """UniPC-p (p = ``solver_order`` = 1, 2, 3) with ``B(h) = -h`` (``bh1``) or ``expm1(-h)`` (``bh2``).
 
     Step from ``s`` to ``t`` with history ``m_k`` at ``lam_k``, ``r_k = (lam_k - lam_s)/h``,
     ``D1_k = (m_k - m0)/r_k``:
@@ -44,11 +44,11 @@ class UniPC(Solver):
     paper = "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models"
 
     def __init__(
-        self, *, order: int = 2, variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True
+        self, *, solver_order: int = 2, variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True
     ) -> None:
-        check_choice("order", order, (1, 2, 3))
+        check_choice("solver_order", solver_order, (1, 2, 3))
         check_choice("variant", variant, ("bh1", "bh2"))
-        self.solver_order = order
+        self.solver_order = solver_order
         self.variant = variant
         self.corrector = bool(corrector)
         self.lower_order_final = bool(lower_order_final)
