@@ -54,12 +54,12 @@ def test_rmse_per_sample():
 
 
 def test_experiment_json_and_yaml_round_trip():
-    e = Experiment("unet_m", "unipc", 8, grid="karras", seeds="0-15", options={"variant": "bh1", "order": 3})
+    e = Experiment("unet_m", "unipc", 8, grid="karras", seeds="0-15", options={"variant": "bh1", "solver_order": 3})
     assert Experiment.from_json(e.to_json()) == e
     assert Experiment.from_yaml(e.to_yaml()) == e
     assert Experiment.from_json(e.to_json()).key == e.key
-    assert Experiment("unet_m", "unipc", 8, grid="karras", seeds="0-15", options={"order": 3, "variant": "bh1"}).key \
-        == e.key
+    swapped = {"solver_order": 3, "variant": "bh1"}
+    assert Experiment("unet_m", "unipc", 8, grid="karras", seeds="0-15", options=swapped).key == e.key
     assert Experiment("unet_m", "unipc", 9, grid="karras", seeds="0-15").key != e.key
     with pytest.raises(ValueError, match="unknown experiment fields"):
         Experiment.from_dict({**json.loads(e.to_json()), "nfe": 3})

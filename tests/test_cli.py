@@ -67,7 +67,7 @@ def test_unreadable_and_pickled_checkpoints(capsys, tmp_path):
     pickled = tmp_path / "pickled" / "unet"
     unet.save_pretrained(pickled, safe_serialization=False)
     code, _, err = run(capsys, "sample", "--model", str(tmp_path / "pickled"), "--out", str(tmp_path / "x.png"))
-    assert code == 2 and "no .safetensors weights" in err
+    assert code == 2 and "safetensors only, never pickles" in err
 
 
 def test_sample_a_class_conditional_dit(capsys, tmp_path):

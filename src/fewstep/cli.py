@@ -17,11 +17,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from fewstep import __version__
-from fewstep.grids import GRIDS
+from fewstep.grids import GRIDS, MAX_STEPS
 from fewstep.noise import parse_seeds
 from fewstep.solvers import SOLVERS, make_solver
 from fewstep.spec import parse_options, parse_spec
@@ -30,14 +31,37 @@ DEMO_SOLVERS = ["ddim", "euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_
                 "unipc", "deis", "ipndm"]
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, *, most: int | None = None) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if most is not None and max(values) > most:
+        raise argparse.ArgumentTypeError(f"at most {most:,}, got {max(values):,}")
     return values
+
+
+def _step_list(text: str) -> list[int]:
+    return _int_list(text, most=MAX_STEPS)
+
+
+def _step_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_STEPS:,} steps, got {value:,}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _seeds(text: str) -> list[int]:
@@ -122,22 +146,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_labels(den: object, label: str | None, n: int) -> dict[str, torch.Tensor] | None:
+    """``cond`` for ``--label``: an int in the model's class range, or ``cycle``; refused on other models."""
+    if label is None:
+        return None
+    default = getattr(den, "default_cond", {}) or {}
+    if "class_labels" not in default:
+        raise ValueError("--label needs a class-conditional model (e.g. dit_s); this one takes no class labels")
+    classes = int(default["class_labels"])  # the null label sits at index num_classes
+    if label == "cycle":
+        return {"class_labels": torch.arange(n) % classes}
+    try:
+        value = int(label)
+    except ValueError:
+        raise ValueError(f"--label must be an integer class or 'cycle', got {label!r}") from None
+    if not 0 <= value < classes:
+        raise ValueError(f"--label {value} is out of range: this model has classes 0-{classes - 1}")
+    return {"class_labels": torch.full((n,), value)}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fewstep.bench.report import mosaic
     from fewstep.caching import CacheStats, cache_from_spec
     from fewstep.hooks import NFECounter, ProgressBar
+    from fewstep.outputs import atomic_write, check_output_file
     from fewstep.sample import sample
     from fewstep.zoo import load
 
-    out = Path(args.out)
-    if out.suffix not in (".npz", ".png"):
-        raise ValueError(f"--out must end in .png or .npz, got {out}")
+    out = check_output_file(args.out, (".png", ".npz"))  # before any work: a bad path must not cost a run
     den = load(args.model)
     solver = make_solver(args.solver, **_options(args.option))
     cfg = den.model.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    if out.suffix == ".png" and shape[0] not in (1, 3):
+        raise ValueError(f"--out {out}: a PNG grid needs 1 or 3 channels, this model makes {shape[0]}; use .npz")
+    cond = _class_labels(den, args.label, len(args.seeds))
     counter, stats = NFECounter(), CacheStats()
     note = ""
     if args.cache and args.cache != "none":
@@ -145,31 +190,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if cal is not None:
             note = f" (auto: {cal.method} {cal.knobs}, calibration error {cal.error:.3g})"
     hooks = [counter, stats] + ([ProgressBar()] if not args.quiet else [])
-    cond = None
-    if args.label is not None:
-        import torch
-
-        n = len(args.seeds)
-        labels = torch.arange(n) % 10 if args.label == "cycle" else torch.full((n,), int(args.label))
-        cond = {"class_labels": labels}
     x = sample(den, solver, args.steps, shape=shape, seeds=args.seeds, grid=args.grid, hooks=hooks, cond=cond)
     if stats.full + stats.reused:
         note += (f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations, computed "
                  f"{100 * stats.mean_work:.0f} % of the network")
     if out.suffix == ".npz":
-        np.savez(out, samples=x.numpy(), seeds=np.array(args.seeds), nfe=counter.nfe)
+        arrays = {"samples": x.cpu().numpy(), "seeds": np.array(args.seeds), "nfe": counter.nfe}
+        atomic_write(out, lambda f: np.savez(f, **arrays))
     else:
         from PIL import Image
 
-        Image.fromarray(mosaic(x)).save(out)
+        image = Image.fromarray(mosaic(x))
+        atomic_write(out, lambda f: image.save(f, format="PNG"))
     print(f"{len(args.seeds)} samples, {counter.nfe} NFE{note} -> {out}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fewstep.bench import ResultStore, run_sweep, sweep, write_report
+    from fewstep.outputs import check_output_dir
     from fewstep.zoo import model_path
 
+    if args.report:
+        check_output_dir(args.report)  # before any work
     for m in args.models:
         model_path(m)
     for s in args.solvers:
@@ -179,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache)
     store = ResultStore(args.db)
     ran = run_sweep(exps, store, force=args.force)
-    print(f"{ran} experiments run, {len(exps) - ran} already in {store.path}")
+    print(f"{ran} experiments run here, {len(exps) - ran} already in (or run by another sweep on) {store.path}")
     if args.report:
         print(f"report: {write_report(store, args.report)}")
     return 0
@@ -187,10 +230,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fewstep.bench import ResultStore, write_report
+    from fewstep.outputs import check_output_dir
 
     if not Path(args.db).is_file():
         raise ValueError(f"no results database at {args.db}")
-    print(f"report: {write_report(ResultStore(args.db), args.out)}")
+    check_output_dir(args.out)
+    print(f"report: {write_report(ResultStore(args.db, readonly=True), args.out)}")
     return 0
 
 
@@ -202,20 +247,27 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_evaluate(args: argparse.Namespace) -> int:
-    from fewstep.zoo.train import evaluate
+    from fewstep.bench.cards import evaluate
 
     print(evaluate(args.name, n=args.samples))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where help is, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__,
+    parser = _Parser(prog="fewstep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="solver errors vs NFE on an analytic model with a known exact solution",
                           description="Print each solver's RMSE against the exact probability-flow solution.")
-    demo.add_argument("--nfe", type=_int_list, default=[5, 10, 20], help="comma-separated NFE budgets (5,10,20)")
+    demo.add_argument("--nfe", type=_step_list, default=[5, 10, 20], help="comma-separated NFE budgets (5,10,20)")
     demo.add_argument("--seeds", type=_seeds, default=parse_seeds("0-63"), help="seed range, e.g. 0-63")
     demo.add_argument("--grid", choices=list(GRIDS), default="logsnr", help="time grid (logsnr)")
     demo.add_argument("--schedule", choices=["discrete", "vp", "edm"], default="discrete",
@@ -234,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--steps 10 --seeds 0-63 --out grid.png")
     smp.add_argument("--model", required=True, help="zoo model name (see `fewstep models`) or a diffusers folder")
     smp.add_argument("--solver", default="dpmpp_2m", help="solver name (see `fewstep solvers`)")
-    smp.add_argument("--steps", type=int, default=10, help="number of steps (10)")
+    smp.add_argument("--steps", type=_step_count, default=10, help="number of steps (10)")
     smp.add_argument("--grid", choices=list(GRIDS), default="time_quadratic", help="time grid (time_quadratic)")
     smp.add_argument("--seeds", type=_seeds, default=parse_seeds("0-63"), help="seed range (0-63)")
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
@@ -254,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--solvers", type=lambda s: s.split(","), default=["ddim", "dpmpp_2m", "unipc"],
                        help="comma-separated fewstep solvers, each optionally with knobs as name:key=value "
                             "(ddim,dpmpp_2m,unipc; e.g. sa_solver:tau=0:predictor_order=3)")
-    bench.add_argument("--steps", type=_int_list, default=[5, 10, 20], help="comma-separated step counts (5,10,20)")
+    bench.add_argument("--steps", type=_step_list, default=[5, 10, 20], help="comma-separated step counts (5,10,20)")
     bench.add_argument("--grid", choices=list(GRIDS), default="time_quadratic",
                        help="fewstep time grid (time_quadratic: the most accurate at 10-20 NFE on the zoo models)")
     bench.add_argument("--seeds", type=_seed_spec, default="0-255", help="seed range (0-255)")
@@ -281,11 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr = zoo_sub.add_parser("train", help="retrain a shipped model on sklearn digits (reproducible)")
     tr.add_argument("name", help="model name (unet_s, unet_m, unet_l, unet_v, unet_flow, classifier)")
     tr.add_argument("--out", type=Path, default=None, help="output folder (default: the package's weights)")
-    tr.add_argument("--iters", type=int, default=None, help="training iterations (default: the model's recipe)")
+    tr.add_argument("--iters", type=_positive_int, default=None,
+                    help="training iterations (default: the model's recipe)")
     tr.set_defaults(func=cmd_zoo_train)
     ev = zoo_sub.add_parser("evaluate", help="FD of 1000-step sampling vs real digits, written into the model card")
     ev.add_argument("name", help="model name")
-    ev.add_argument("--samples", type=int, default=512, help="number of samples (512)")
+    ev.add_argument("--samples", type=_positive_int, default=512, help="number of samples (512)")
     ev.set_defaults(func=cmd_zoo_evaluate)
     return parser
 
@@ -307,9 +360,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
-        print(f"fewstep: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError) as err:  # bad input: refused before any work where it can be checked
+        print(f"fewstep: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine refused (disk full, permissions changed mid-run): say so, no traceback
+        print(f"fewstep: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fewstep: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ __all__ = [
 
 GridFn = Callable[..., torch.Tensor]
 
+MAX_STEPS = 100_000
+"""The most steps a grid takes (a 1000-step DDPM run is the usual maximum; far more is a typo, not a plan)."""
+
 
 def _bounds(schedule: NoiseSchedule, t_start: float | None, t_end: float | None) -> tuple[float, float]:
     t_start = schedule.t_max if t_start is None else float(t_start)
@@ -52,6 +55,8 @@ def _check_steps(steps: int) -> int:
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS:,}, got {steps:,}")
     return int(steps)
 
 

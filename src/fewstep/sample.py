@@ -36,8 +36,8 @@ class _BoundModel:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"denoiser returned {shape} for input of shape {tuple(x.shape)} "
                                  f"at step {self.step_index} (t={t:.6g})")
-            # One reduction: any NaN/inf makes the sum non-finite (a finite overflow to inf also raises, rightly).
-            if not bool(torch.isfinite(out.sum())):
+            # Element-wise, never a sum: a sum in float16 overflows on perfectly finite outputs.
+            if not bool(torch.isfinite(out).all()):
                 raise ValueError(f"denoiser returned NaN or inf at step {self.step_index} (t={t:.6g})")
         for fn in self.on_nfe:
             fn(self.calls)
@@ -99,6 +99,9 @@ def sample(
     schedule = denoiser.schedule
     if isinstance(grid_or_steps, bool):
         raise TypeError("grid_or_steps must be a step count or a list of times")
+    if isinstance(grid_or_steps, float | np.floating) or (
+            isinstance(grid_or_steps, torch.Tensor | np.ndarray) and grid_or_steps.ndim == 0):
+        raise TypeError(f"a step count must be an int, got {grid_or_steps!r} (or pass a list of times)")
     if isinstance(grid_or_steps, int | np.integer):
         times = make_grid(grid, schedule, int(grid_or_steps))
     else:

@@ -49,8 +49,8 @@ class DigitsFD:
     """
 
     def __init__(self) -> None:
+        from fewstep.data import digits_tensor
         from fewstep.zoo import load_classifier
-        from fewstep.zoo.train import digits_tensor
 
         self.classifier = load_classifier()
         data, _ = digits_tensor()

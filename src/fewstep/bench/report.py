@@ -12,6 +12,7 @@ import torch
 
 from fewstep.bench.store import ResultStore
 from fewstep.noise import parse_seeds
+from fewstep.outputs import atomic_write
 
 __all__ = ["image_grid", "mosaic", "pareto_front", "write_report"]
 
@@ -28,18 +29,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def mosaic(samples: torch.Tensor, *, cols: int | None = None, scale: int = 4) -> np.ndarray:
-    """Single-channel samples in [-1, 1] (``(B, 1, H, W)``) as one uint8 image: ``cols`` per row (default:
-    square), 1-pixel white gutters, upscaled ``scale`` x by pixel repetition."""
-    n = samples.shape[0]
+    """Samples in [-1, 1] as one uint8 image: ``cols`` per row (default: square), 1-pixel white gutters, upscaled
+    ``scale`` x by pixel repetition. ``(B, 1, H, W)`` gives a greyscale ``(h, w)`` array, ``(B, 3, H, W)`` an RGB
+    ``(h, w, 3)`` one; other channel counts (latents) have no image and raise ``ValueError``."""
+    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
+        raise ValueError(f"an image grid needs samples of shape (B, 1 or 3, H, W), got {tuple(samples.shape)} "
+                         "(save latents as .npz, or decode them first)")
+    n, channels = samples.shape[:2]
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    imgs = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()[:, 0]
-    h, w = imgs.shape[1:]
-    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 255, np.uint8)
+    imgs = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    imgs = imgs.permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+    h, w = imgs.shape[1:3]
+    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, channels), 255, np.uint8)
     for k, img in enumerate(imgs):
         r, c = divmod(k, cols)
         out[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
-    return np.kron(out, np.ones((scale, scale), np.uint8))
+    out = out.repeat(scale, axis=0).repeat(scale, axis=1)
+    return out[..., 0] if channels == 1 else out
 
 
 def image_grid(cells: dict[tuple[str, int], torch.Tensor], path: Path, *, title: str = "") -> None:
@@ -49,19 +56,21 @@ def image_grid(cells: dict[tuple[str, int], torch.Tensor], path: Path, *, title:
     rows = sorted({r for r, _ in cells}, key=lambda r: (r.startswith("diffusers"), r))
     cols = sorted({c for _, c in cells})
     tiles = {k: mosaic(v[:8], cols=4) for k, v in cells.items()}
-    th, tw = next(iter(tiles.values())).shape
+    first = next(iter(tiles.values()))
+    th, tw = first.shape[:2]
     left, top = 170, 34
-    img = Image.new("L", (left + len(cols) * (tw + 8), top + len(rows) * (th + 8)), 255)
+    mode, white, black = ("RGB", (255, 255, 255), (0, 0, 0)) if first.ndim == 3 else ("L", 255, 0)
+    img = Image.new(mode, (left + len(cols) * (tw + 8), top + len(rows) * (th + 8)), white)
     draw = ImageDraw.Draw(img)
-    draw.text((4, 4), title, fill=0)
+    draw.text((4, 4), title, fill=black)
     for j, c in enumerate(cols):
-        draw.text((left + j * (tw + 8) + tw // 2 - 18, top - 14), f"NFE {c}", fill=0)
+        draw.text((left + j * (tw + 8) + tw // 2 - 18, top - 14), f"NFE {c}", fill=black)
     for i, r in enumerate(rows):
-        draw.text((4, top + i * (th + 8) + th // 2 - 6), r[:26], fill=0)
+        draw.text((4, top + i * (th + 8) + th // 2 - 6), r[:26], fill=black)
         for j, c in enumerate(cols):
             if (r, c) in tiles:
                 img.paste(Image.fromarray(tiles[(r, c)]), (left + j * (tw + 8), top + i * (th + 8)))
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def _plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str,
@@ -87,7 +96,7 @@ def _plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str,
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -104,10 +113,10 @@ def write_report(store: ResultStore, out_dir: str | Path) -> Path:
     """Write ``report.md``, ``error_vs_nfe.png``, ``fd_vs_nfe.png``, ``pareto.png`` and one ``grid_<model>.png``
     per model into ``out_dir``; returns the Markdown path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = store.rows()
     if not rows:
         raise ValueError(f"no results in {store.path}; run `fewstep bench` first")
+    out.mkdir(parents=True, exist_ok=True)
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_model[r["experiment"].model].append(r)
@@ -153,6 +162,5 @@ def write_report(store: ResultStore, out_dir: str | Path) -> Path:
         lines += [f"Pareto front (FD vs model time): {frontier}.", "",
                   f"![error vs NFE](error_vs_nfe_{safe}.png) ![FD vs NFE](fd_vs_nfe_{safe}.png)", "",
                   f"![Pareto](pareto_{safe}.png)", "", f"![samples](grid_{safe}.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    text = "\n".join(lines).encode()
+    return atomic_write(out / "report.md", lambda f: f.write(text))

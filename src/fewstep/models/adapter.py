@@ -104,10 +104,10 @@ class ModelDenoiser(Denoiser):
         return out.to(x.dtype)
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)  # validates t (NaN, range) before the network
         out = self._call_model(x, t, cond)
         if out.shape != x.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
-        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
         if self.prediction == "x0":
             return out
         if self.prediction == "eps":

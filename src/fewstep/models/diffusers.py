@@ -39,14 +39,9 @@ def schedule_from_config(config: Mapping[str, Any]) -> tuple[NoiseSchedule, str]
     name = cfg.get("beta_schedule", "linear")
     if trained is not None:
         betas = np.asarray(trained, dtype=np.float32)
-    elif name == "linear":
-        betas = np.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), n, dtype=np.float32)
-    elif name == "scaled_linear":
-        b0, b1 = cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5
-        betas = np.linspace(b0, b1, n, dtype=np.float32) ** 2
-    elif name == "squaredcos_cap_v2":
-        return DiscreteVP(DiscreteVP.named("squaredcos_cap_v2", num_train_timesteps=n).alphas_cumprod.astype(
-            np.float32)), _PREDICTION[prediction]
+    elif name in ("linear", "scaled_linear", "squaredcos_cap_v2"):  # diffusers' float32 table, bit for bit
+        return DiscreteVP.named(name, num_train_timesteps=n, beta_start=cfg.get("beta_start", 1e-4),
+                                beta_end=cfg.get("beta_end", 0.02)), _PREDICTION[prediction]
     else:
         raise ValueError(f"unsupported diffusers beta_schedule {name!r}")
     # diffusers computes the table with torch in float32; do the same so integer timesteps match exactly.
@@ -55,8 +50,75 @@ def schedule_from_config(config: Mapping[str, Any]) -> tuple[NoiseSchedule, str]
 
 
 def _load_config(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON config file as a dict; a one-line ``ValueError`` naming the file when it is not one."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def _check_safetensors_only(model_dir: Path) -> None:
+    """Refuse a model folder whose weights diffusers would read from anything but safetensors.
+
+    diffusers reads ``diffusion_pytorch_model.safetensors`` or, for a sharded checkpoint, the files named in
+    ``diffusion_pytorch_model.safetensors.index.json``; any other name (a ``.bin`` beside a stray ``*.safetensors``
+    file, an index pointing at pickles) would be unpickled, so it is refused here, whatever else the folder holds.
+    """
+    index = model_dir / (WEIGHTS_NAME + ".index.json")
+    if index.is_file():
+        weight_map = _load_config(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        bad = sorted({str(f) for f in weight_map.values() if not str(f).endswith(".safetensors")})
+        if bad:
+            raise ValueError(f"{index} names non-safetensors shards {bad} (fewstep never unpickles weights)")
+        missing = sorted({str(f) for f in weight_map.values() if not (model_dir / str(f)).is_file()})
+        if missing:
+            raise ValueError(f"{index} names missing shards {missing}")
+    elif not (model_dir / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{model_dir} has no {WEIGHTS_NAME} (fewstep loads safetensors only, never pickles)")
+
+
+def _load_safetensors_model(model_cls: Any, model_dir: Path) -> Any:
+    """``model_cls.from_pretrained(model_dir)`` from safetensors only, offline, refusing incomplete checkpoints.
+
+    ``use_safetensors=True`` makes diffusers raise instead of falling back to a pickled ``.bin``; a checkpoint
+    with a tensor missing, an unexpected tensor or a tensor of the wrong shape is refused (diffusers would only
+    warn and leave freshly initialised weights in the model).
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    _check_safetensors_only(model_dir)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "newly initialized" warning is replaced by our refusal below
+    try:
+        model, info = model_cls.from_pretrained(model_dir, local_files_only=True, low_cpu_mem_usage=False,
+                                                use_safetensors=True, output_loading_info=True)
+    except Exception as err:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load a {model_cls.__name__} from {model_dir}: {first}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = [str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or []]
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({shown})")
+    if info.get("error_msgs"):
+        problems.append(str(info["error_msgs"][0]).splitlines()[0])
+    if problems:
+        raise ValueError(f"refusing the incomplete checkpoint in {model_dir}: {'; '.join(problems)}")
+    return model
 
 
 def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser:
@@ -91,14 +153,9 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None) -> ModelDenoiser
             raise ValueError(f"{model_dir} has no config.json; not a diffusers model folder")
         class_name = _load_config(config_path).get("_class_name")
         model_cls = getattr(diffusers, str(class_name), None)
-        if model_cls is None:
+        if not (isinstance(model_cls, type) and issubclass(model_cls, diffusers.ModelMixin)):
             raise ValueError(f"{config_path} names unknown diffusers class {class_name!r}")
-        if not any(model_dir.glob("*.safetensors")):
-            raise ValueError(f"{model_dir} has no .safetensors weights (fewstep loads safetensors only, never pickles)")
-        try:
-            model = model_cls.from_pretrained(model_dir, local_files_only=True, low_cpu_mem_usage=False)
-        except Exception as err:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
-            raise ValueError(f"cannot load a {class_name} from {model_dir}: {str(err).splitlines()[0]}") from None
+        model = _load_safetensors_model(model_cls, model_dir)
     if scheduler_or_config is None:
         if model_dir is None:
             raise ValueError("pass the scheduler (or its config) that the model was trained with")

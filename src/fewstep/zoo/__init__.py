@@ -6,6 +6,7 @@ The trained models live in ``zoo/weights/<name>/`` in diffusers' ``save_pretrain
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from fewstep.zoo.analytic import AnalyticDenoiser, GaussianMixture, digits, gaussian, gaussian_mixture
 
 __all__ = ["WEIGHTS", "AnalyticDenoiser", "GaussianMixture", "digits", "gaussian", "gaussian_mixture",
-           "list_models", "load", "load_classifier", "model_path"]
+           "list_models", "load", "load_classifier", "model_path", "stamp_digests", "verify_digests"]
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -41,18 +42,78 @@ def model_path(name_or_path: str | Path) -> Path:
                      f"zoo models: {', '.join(known) or 'none'} (or pass a diffusers model folder)")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_card(folder: Path) -> dict[str, Any]:
+    path = folder / "card.json"
+    try:
+        with open(path) as f:
+            card = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return card
+
+
+def stamp_digests(folder: str | Path) -> dict[str, str]:
+    """Write the sha256 of every ``.safetensors`` file under ``folder`` into its ``card.json`` (``"sha256"``:
+    relative path -> hex digest); returns them. Run after (re)training a model."""
+    folder = Path(folder)
+    card = _read_card(folder)
+    card["sha256"] = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
+    with open(folder / "card.json", "w") as f:
+        json.dump(card, f, indent=2)
+    return card["sha256"]
+
+
+def verify_digests(folder: str | Path) -> None:
+    """Check the weights of a shipped model against the sha256 digests in its card.
+
+    ``ValueError`` when the card lists no digests, a listed file is missing or differs, or a ``.safetensors``
+    file is present that the card does not list (weights swapped or added after shipping).
+    """
+    folder = Path(folder)
+    expected = _read_card(folder).get("sha256")
+    if not isinstance(expected, dict) or not expected:
+        raise ValueError(f"{folder / 'card.json'} lists no sha256 digests of its weights")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
+    extra = sorted(present - set(expected))
+    if extra:
+        raise ValueError(f"{folder} holds weights its card does not list: {', '.join(extra)}")
+    for rel, digest in expected.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ValueError(f"{folder}: weights file {rel} listed in its card is missing")
+        if _sha256(path) != digest:
+            raise ValueError(f"{path} does not match the sha256 in its card (modified or corrupted weights)")
+
+
 def load(name_or_path: str | Path):  # noqa: ANN201  (a ModelDenoiser; imported lazily)
-    """A :class:`~fewstep.models.ModelDenoiser` for a zoo model name or a local diffusers folder (offline)."""
+    """A :class:`~fewstep.models.ModelDenoiser` for a zoo model name or a local diffusers folder (offline).
+
+    A folder with a ``card.json`` (every shipped model) has its weights checked against the card's sha256
+    digests first (:func:`verify_digests`)."""
     from fewstep.models import from_diffusers
 
-    return from_diffusers(str(model_path(name_or_path)))
+    folder = model_path(name_or_path)
+    if (folder / "card.json").is_file():
+        verify_digests(folder)
+    return from_diffusers(str(folder))
 
 
 def load_classifier():  # noqa: ANN201
-    """The shipped digits classifier (features for the FD metric)."""
+    """The shipped digits classifier (features for the FD metric), checked against its card's sha256."""
     from fewstep.zoo.classifier import DigitsClassifier
 
     folder = WEIGHTS / "classifier"
     if not (folder / "model.safetensors").is_file():
         raise ValueError("the digits classifier is not shipped in this install (zoo/weights/classifier)")
+    verify_digests(folder)
     return DigitsClassifier.load(folder)
