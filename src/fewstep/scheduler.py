@@ -1,0 +1,438 @@
+"""``FewstepScheduler``: every fewstep solver and grid as a diffusers scheduler, so a pipeline changes one line::
+
+    pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver="unipc", grid="time_quadratic")
+    image = pipe(prompt, num_inference_steps=8).images[0]
+
+How a solver that calls the model itself runs inside a loop that the pipeline owns. A diffusers pipeline
+evaluates the network at ``scheduler.timesteps[i]`` on the latents the scheduler last returned and hands the raw
+output to :meth:`FewstepScheduler.step`. fewstep solvers instead call ``model(x, t)`` themselves, possibly several
+times per step (Heun, DPM-Solver-2/3) and at points other than the step's start (forward-value solvers). The
+scheduler bridges the two by *replay*: the outputs received so far in the current solver step are kept (converted to
+``x0_hat``), and the solver step is re-run with a model that answers its first calls from that list; the first call
+that is not answered yet is where the pipeline must evaluate next, so its point ``x`` is returned as
+``prev_sample``. When the step completes, its result becomes the new state. Re-running costs only the solver's
+arithmetic; the network is called exactly as often as :func:`fewstep.sample` calls it for the same solver and grid
+(``set_timesteps`` finds the evaluation times by a dry run of the solver, since a pipeline needs them up front).
+
+The state the pipeline sees is the schedule's own frame (``x = alpha x0 + sigma eps``: variance preserving for
+DDPM-family models, ``x = (1 - sigma) x0 + sigma eps`` for flow models), so ``scale_model_input`` is the
+identity and ``init_noise_sigma`` is the prior's standard deviation at the first time (1 for both).
+
+Per-run state (the grid, the solver's state, the outputs of the current step) is made by :meth:`set_timesteps`
+and lives nowhere else; two schedulers share nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from fewstep.grids import GRIDS, explicit, make_grid
+from fewstep.models.adapter import ModelDenoiser
+from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
+from fewstep.solvers import Solver, Step, make_solver
+
+__all__ = ["FewstepScheduler"]
+
+# Our own keys in the scheduler config; every other key is the base scheduler's, kept as it was.
+_OWN_KEYS = ("solver", "solver_options", "grid", "grid_options", "base_scheduler")
+
+
+class _NeedEval(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised by the replay model at the first evaluation that has no output yet."""
+
+    def __init__(self, x: torch.Tensor, t: float) -> None:
+        self.x, self.t = x, t
+
+
+class _Replay:
+    """The model as a replayed solver step sees it: answers call k from ``outputs[k]``, stops at the first
+    unanswered call."""
+
+    def __init__(self, schedule: NoiseSchedule, outputs: Sequence[torch.Tensor]) -> None:
+        self.schedule, self.outputs, self.calls = schedule, outputs, 0
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        k = self.calls
+        self.calls += 1
+        if k < len(self.outputs):
+            return self.outputs[k]
+        raise _NeedEval(x, t)
+
+
+class _Recorder:
+    """A dry-run model: a fixed linear denoiser that records every evaluation time."""
+
+    def __init__(self, schedule: NoiseSchedule) -> None:
+        self.schedule, self.times = schedule, []
+
+    def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        self.times.append(t)
+        return 0.5 * x
+
+
+class _Held:
+    """A 'network' that returns the raw output the pipeline computed, so the adapter's own conversion
+    (eps / v / x0 / flow -> x0_hat) is the one used here too."""
+
+    def __init__(self) -> None:
+        self.output: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
+        assert self.output is not None
+        return self.output
+
+
+@dataclass
+class _Plan:
+    """One ``set_timesteps``: the grid, its solver steps and every network evaluation in order."""
+
+    schedule: NoiseSchedule
+    times: list[float]
+    steps: list[Step]
+    eval_times: list[float]
+    eval_step: list[int]  # the solver step each evaluation belongs to (len(steps) = the final denoise-to-zero)
+    step_first_eval: dict[int, int]  # solver step -> index of its first evaluation
+
+
+@dataclass
+class _RunState:
+    """Where a run stands: the state at the start of the current solver step and what it has received."""
+
+    eval_index: int
+    step_pos: int
+    x: torch.Tensor
+    solver_state: Any
+    outputs: list[torch.Tensor]
+    noise: torch.Tensor | None = None
+    done: bool = False
+
+
+def native_time_of(config: Mapping[str, Any], schedule: NoiseSchedule) -> tuple[Any, Any]:
+    """``(to_native, from_native)``: fewstep time ``t`` <-> the timestep diffusers feeds the network."""
+    if isinstance(schedule, DiscreteVP):
+        n = schedule.num_train_timesteps
+        return (lambda t: n * t - 1.0), (lambda v: (float(v) + 1.0) / n)
+    if isinstance(schedule, RectifiedFlow):
+        n = int(config.get("num_train_timesteps", 1000))
+        return (lambda t: t * n), (lambda v: float(v) / n)
+    raise ValueError(f"FewstepScheduler has no timestep convention for {schedule!r}")
+
+
+def _infer_base_class(config: Mapping[str, Any]) -> str:
+    """The diffusers scheduler class whose ``__init__`` takes exactly the keys of ``config``.
+
+    A scheduler made in code keeps no class name in its ``.config`` (one loaded from a folder does), but its config
+    holds exactly its ``__init__`` parameters, which tells the class. Variants with the same parameters and the
+    same timesteps (``DDIMParallelScheduler``, ...) give way to the plain one; other ties are refused."""
+    import inspect
+
+    import diffusers
+
+    keys = {k for k in config if not k.startswith("_")}
+    found = []
+    for name in dir(diffusers):
+        cls = getattr(diffusers, name)
+        if name.endswith("Scheduler") and isinstance(cls, type) and issubclass(cls, SchedulerMixin):
+            params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+            if params == keys:
+                found.append(name)
+    plain = [n for n in found if "Parallel" not in n and not n.startswith("CogVideoX")]
+    if len(plain) == 1:
+        return plain[0]
+    if not plain:
+        raise ValueError("cannot tell which diffusers scheduler this config belongs to; pass the scheduler itself "
+                         "(FewstepScheduler.from_config(pipe.scheduler, ...)) or base_scheduler='...'")
+    raise ValueError(f"this scheduler config fits {', '.join(plain)}; pass base_scheduler= to choose")
+
+
+class FewstepScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that runs a fewstep solver over a fewstep (or the base scheduler's own) grid.
+
+    Args:
+        solver: a fewstep solver name (``fewstep solvers``); its knobs as extra keyword arguments
+            (``FewstepScheduler.from_config(cfg, solver="sa_solver", tau=0)``) or ``solver_options``.
+        grid: a fewstep grid name (``time_quadratic``, ``karras``, ``logsnr``, ``trailing``, ...), or
+            ``"diffusers"``: the base scheduler's own timesteps for the step count (the steps users know).
+            ``sigmas=`` / ``timesteps=`` given to :meth:`set_timesteps` (how pipelines pass AYS-style schedules)
+            override a ``"diffusers"`` grid; with a named grid they are refused, except the plain
+            ``linspace(1, 1/n, n)`` sigmas that flow pipelines always pass.
+        grid_options: knobs of the named grid (e.g. ``{"rho": 7}`` for ``karras``).
+        base_config: the config of the scheduler the model was trained with (kept in this scheduler's config, so
+            pipelines that read e.g. ``base_image_seq_len`` from it keep working). ``from_config`` fills it.
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles: list[str] = []  # noqa: RUF012
+
+    def __init__(self, solver: str = "dpmpp_2m", grid: str = "diffusers", *, solver_options: dict | None = None,
+                 grid_options: dict | None = None, base_config: Mapping[str, Any] | None = None,
+                 base_scheduler: str | None = None, **knobs: Any) -> None:
+        from fewstep.models.diffusers import schedule_from_config
+
+        base = {k: v for k, v in dict(base_config or {}).items() if not k.startswith("_") and k not in _OWN_KEYS}
+        base_scheduler = base_scheduler or dict(base_config or {}).get("_class_name") or "DDPMScheduler"
+        options = {**dict(solver_options or {}), **knobs}
+        self._solver: Solver = make_solver(solver, **options)  # unknown solvers and knobs raise here
+        if grid != "diffusers" and grid not in GRIDS:
+            make_grid(grid, DiscreteVP.named("linear"), 2)  # the registry's error, with a suggestion
+        self._base_class = base_scheduler
+        self._schedule, self._prediction = schedule_from_config({**base, "_class_name": base_scheduler})
+        self.register_to_config(**base, solver=solver, solver_options=options, grid=grid,
+                                grid_options=dict(grid_options or {}), base_scheduler=base_scheduler)
+        self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+        self.num_inference_steps: int | None = None
+        self._plan: _Plan | None = None
+        self._run: _RunState | None = None
+        self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False,  # noqa: FBT001, FBT002
+                    **kwargs: Any) -> FewstepScheduler:
+        """From a scheduler's config (or a scheduler, or a saved FewstepScheduler config) plus our options."""
+        base_name = type(config).__name__ if isinstance(config, SchedulerMixin) else None
+        if isinstance(config, SchedulerMixin | ConfigMixin):
+            config = config.config
+        cfg = dict(config or {})
+        own = {k: cfg.pop(k) for k in _OWN_KEYS if k in cfg}
+        if cfg.get("_class_name") == cls.__name__:
+            cfg["_class_name"] = own.get("base_scheduler")
+        if not cfg.get("_class_name") and not own.get("base_scheduler") and not kwargs.get("base_scheduler"):
+            cfg["_class_name"] = base_name or _infer_base_class(cfg)
+        solver_options = {**dict(own.pop("solver_options", None) or {}), **dict(kwargs.pop("solver_options", {}))}
+        scheduler = cls(**{**own, **kwargs}, solver_options=solver_options, base_config=cfg)
+        return (scheduler, {}) if return_unused_kwargs else scheduler
+
+    # ------------------------------------------------------------------ what pipelines read
+
+    @property
+    def order(self) -> int:
+        """Network evaluations per solver step (pipelines slice ``timesteps[t_start * order:]`` for img2img)."""
+        return self._solver.nfe_per_step
+
+    @property
+    def init_noise_sigma(self) -> float:
+        t0 = self._plan.times[0] if self._plan is not None else self._schedule.t_max
+        return float(self._schedule.prior_std(t0))
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    @property
+    def step_index(self) -> int | None:
+        return None if self._run is None else self._run.eval_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the run at evaluation ``begin_index`` (img2img); it must be the first evaluation of a step."""
+        if self._plan is not None and begin_index not in self._plan.step_first_eval.values():
+            starts = sorted(self._plan.step_first_eval.values())
+            raise ValueError(f"begin_index {begin_index} is not the start of a solver step; starts: {starts}")
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def __len__(self) -> int:
+        return int(self.config.get("num_train_timesteps", 1000))
+
+    # ------------------------------------------------------------------ the grid
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+                      mu: float | None = None) -> None:
+        """Plan a run: the grid (``num_inference_steps`` on the configured grid, or the given ``timesteps`` /
+        ``sigmas``), its solver steps and every network evaluation; resets all per-run state."""
+        if mu is not None and not self.config.get("use_dynamic_shifting", False):
+            raise ValueError("mu was given but the base scheduler config has no use_dynamic_shifting")
+        if self.config.get("use_dynamic_shifting", False):
+            raise ValueError("use_dynamic_shifting (resolution-dependent flow shift) is not supported by "
+                             "FewstepScheduler yet")
+        schedule = self._schedule
+        to_native, from_native = native_time_of(self.config, schedule)
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass timesteps= or sigmas=, not both")
+        custom = timesteps is not None or sigmas is not None
+        if custom and num_inference_steps is not None:
+            given = len(timesteps if timesteps is not None else sigmas)
+            if given not in (num_inference_steps, num_inference_steps + 1):
+                raise ValueError(f"{given} timesteps/sigmas given for {num_inference_steps} steps")
+        grid_name = self.config["grid"]
+        if sigmas is not None and grid_name != "diffusers":
+            n = len(sigmas)
+            if isinstance(schedule, RectifiedFlow) and np.allclose(np.asarray(sigmas, dtype=np.float64),
+                                                                   np.linspace(1.0, 1.0 / n, n), atol=1e-6):
+                num_inference_steps, sigmas, custom = n, None, False  # a flow pipeline's default, not a choice
+            else:
+                raise ValueError(f"sigmas= given, but this scheduler was built with grid={grid_name!r}; "
+                                 "use grid='diffusers' to sample on given sigmas")
+        if timesteps is not None and grid_name != "diffusers":
+            raise ValueError(f"timesteps= given, but this scheduler was built with grid={grid_name!r}; "
+                             "use grid='diffusers' to sample on given timesteps")
+        if custom:
+            times = self._custom_times(schedule, from_native, timesteps, sigmas)
+        else:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps, timesteps= or sigmas=")
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
+                raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+            if grid_name == "diffusers":
+                times = self._base_times(int(num_inference_steps), from_native)
+            else:
+                times = make_grid(grid_name, schedule, int(num_inference_steps),
+                                  **self.config.get("grid_options", {})).tolist()
+        self._plan = self._make_plan(schedule, times)
+        device = torch.device(device) if device is not None else None
+        native = [to_native(t) for t in self._plan.eval_times]
+        integral = isinstance(schedule, DiscreteVP) and all(abs(v - round(v)) < 1e-6 for v in native)
+        self.timesteps = (torch.tensor([round(v) for v in native], dtype=torch.int64, device=device) if integral
+                          else torch.tensor(native, dtype=torch.float32, device=device))
+        sig = [schedule.sigma(t) / (schedule.alpha(t) if isinstance(schedule, DiscreteVP) else 1.0)
+               for t in self._plan.eval_times]
+        self.sigmas = torch.tensor([*sig, 0.0], dtype=torch.float32, device=device)
+        self.num_inference_steps = len(self._plan.times) - 1
+        self._run = None
+        self._begin_index = None
+
+    def _base_times(self, steps: int, from_native: Any) -> list[float]:
+        """The base scheduler's own grid for ``steps``, as fewstep times (ending at 0 when it denoises to zero)."""
+        import diffusers
+
+        cls = getattr(diffusers, self._base_class, None)
+        if cls is None:
+            raise ValueError(f"unknown base scheduler {self._base_class!r}")
+        base = cls.from_config({k: v for k, v in self.config.items() if k not in _OWN_KEYS})
+        base.set_timesteps(steps)
+        ts = [from_native(float(v)) for v in base.timesteps.tolist()]
+        deduped = [t for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]  # Heun-style schedulers repeat times
+        return [*deduped, 0.0]
+
+    def _custom_times(self, schedule: NoiseSchedule, from_native: Any, timesteps: Sequence[float] | None,
+                      sigmas: Sequence[float] | None) -> list[float]:
+        if timesteps is not None:
+            times = [from_native(float(v)) for v in timesteps]
+        elif isinstance(schedule, RectifiedFlow):
+            times = [float(s) for s in sigmas]  # flow sigmas are the schedule's own time
+        else:  # k-diffusion sigmas sigma / alpha of a VP model: t from the log-SNR
+            times = [schedule.inverse_lam(-math.log(float(s))) if float(s) > 0 else 0.0 for s in sigmas]
+        if times and times[-1] != 0.0:
+            times.append(0.0)  # like diffusers' schedulers, the last step denoises to zero
+        return explicit(schedule, times).tolist()
+
+    def _make_plan(self, schedule: NoiseSchedule, times: list[float]) -> _Plan:
+        to_zero = times[-1] == 0.0
+        count = len(times) - 1
+        steps = [Step.of(schedule, i, count, times[i], times[i + 1], to_zero=to_zero)
+                 for i in range(count - int(to_zero))]
+        # Dry run on a small random state with a linear denoiser: the evaluation times do not depend on x.
+        recorder = _Recorder(schedule)
+        x = torch.randn(1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        state = self._solver.init(x)
+        eval_times, eval_step, first = [], [], {}
+        for i, step in enumerate(steps):
+            before = len(recorder.times)
+            probe = _Replay(schedule, [])
+            try:
+                self._solver.step(probe, x, step, state, torch.zeros_like(x) if self._solver.stochastic else None)
+            except _NeedEval as need:  # a step can begin a run if it first evaluates at its own start
+                if need.t == step.t_cur and torch.allclose(need.x, x, rtol=1e-12, atol=0.0):
+                    first[i] = len(eval_times)
+            x, state = self._solver.step(recorder, x, step, state,
+                                         torch.zeros_like(x) if self._solver.stochastic else None)
+            eval_times += recorder.times[before:]
+            eval_step += [i] * (len(recorder.times) - before)
+        if to_zero:
+            first[len(steps)] = len(eval_times)
+            eval_times.append(times[-2])
+            eval_step.append(len(steps))
+        if first.get(0) != 0:
+            raise ValueError(f"solver {self.config['solver']!r} does not first evaluate the model on the initial "
+                             "noise at the first time, where a diffusers pipeline always evaluates first; run it "
+                             "with fewstep.sample instead")
+        return _Plan(schedule, times, steps, eval_times, eval_step, first)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple[torch.Tensor]:  # noqa: FBT001, FBT002
+        """Take the network's raw output at the current evaluation; return the next point to evaluate (or, after
+        the last evaluation, the sample)."""
+        plan = self._plan
+        if plan is None:
+            raise ValueError("call set_timesteps before step")
+        if self._run is None:
+            first = self._begin_index or 0
+            if first not in plan.step_first_eval.values():
+                raise ValueError(f"cannot begin at evaluation {first}: not the start of a solver step")
+            step_pos = plan.eval_step[first]
+            self._run = _RunState(first, step_pos, sample, self._solver.init(sample), [])
+        run = self._run
+        if run.done or run.eval_index >= len(plan.eval_times):
+            raise ValueError("step called after the last timestep; call set_timesteps to start a new run")
+        expected = self.timesteps[run.eval_index]
+        if timestep is not None and not math.isclose(float(torch.as_tensor(timestep).flatten()[0]), float(expected),
+                                                     rel_tol=1e-5, abs_tol=1e-4):
+            raise ValueError(f"step got timestep {float(torch.as_tensor(timestep).flatten()[0])}, expected "
+                             f"{float(expected)} (evaluation {run.eval_index}); steps must follow scheduler.timesteps")
+        held = _Held()
+        held.output = model_output
+        to_native, _ = native_time_of(self.config, plan.schedule)
+        den = ModelDenoiser(held, plan.schedule, prediction=self._prediction, native_time=to_native)
+        t_eval = plan.eval_times[run.eval_index]
+        run.outputs.append(den(sample, t_eval))
+        run.eval_index += 1
+        out = self._advance(run, plan, generator)
+        return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+
+    def _advance(self, run: _RunState, plan: _Plan, generator: Any) -> torch.Tensor:
+        """Replay the current solver step with the outputs received; move on while steps complete."""
+        while True:
+            if run.step_pos == len(plan.steps):  # the final denoise-to-zero, or the end of a grid above zero
+                if plan.times[-1] != 0.0:
+                    run.done = True
+                    return run.x
+                if run.outputs:
+                    run.done = True
+                    return run.outputs[0]
+                return run.x
+            step = plan.steps[run.step_pos]
+            if self._solver.stochastic and run.noise is None:
+                run.noise = randn_tensor(run.x.shape, generator=generator, device=run.x.device, dtype=run.x.dtype)
+            replay = _Replay(plan.schedule, run.outputs)
+            try:
+                x_next, state = self._solver.step(replay, run.x, step, run.solver_state, run.noise)
+            except _NeedEval as need:
+                return need.x
+            run.x, run.solver_state, run.outputs, run.noise = x_next, state, [], None
+            run.step_pos += 1
+
+    # ------------------------------------------------------------------ noising (img2img, inpainting)
+
+    def _times_of(self, timesteps: Any) -> torch.Tensor:
+        _, from_native = native_time_of(self.config, self._schedule)
+        values = torch.as_tensor(timesteps).flatten().tolist()
+        return torch.tensor([from_native(v) for v in values], dtype=torch.float64)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
+        """``alpha(t) x0 + sigma(t) noise`` at the times of the given timesteps (one per sample, or one for all)."""
+        ts = self._times_of(timesteps)
+        alpha = torch.tensor([self._schedule.alpha(t) for t in ts.tolist()], dtype=torch.float64)
+        sigma = torch.tensor([self._schedule.sigma(t) for t in ts.tolist()], dtype=torch.float64)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        alpha = alpha.to(original_samples.device, original_samples.dtype).reshape(shape)
+        sigma = sigma.to(original_samples.device, original_samples.dtype).reshape(shape)
+        return alpha * original_samples + sigma * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow pipelines' name for :meth:`add_noise` (``sigma noise + (1 - sigma) sample``)."""
+        return self.add_noise(sample, noise, timestep)

@@ -1,0 +1,206 @@
+"""``FewstepScheduler`` inside real diffusers pipelines (tiny random-weight UNet2DConditionModel + AutoencoderKL).
+
+Proves: a pipeline driven by the scheduler gives the samples of ``fewstep.sample`` on the same network, guidance,
+grid and noise, with exactly as many network calls; parity with diffusers' own schedulers configured to the same
+method; img2img; stochastic solvers seeded by the pipeline's generator; per-run state reset by ``set_timesteps``;
+clear errors.
+"""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+from fewstep import ClassifierFreeGuidance, NFECounter, from_diffusers, make_solver, sample  # noqa: E402
+from fewstep.scheduler import FewstepScheduler  # noqa: E402
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+GUIDANCE = 3.0
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=16).eval()
+    calls = []
+    unet.register_forward_hook(lambda *_: calls.append(1))
+    emb, neg = torch.randn(1, 5, 12), torch.randn(1, 5, 12)
+    return unet, vae, calls, emb, neg
+
+
+def make_pipe(parts, cls_name="StableDiffusionPipeline"):
+    unet, vae, *_ = parts
+    cls = getattr(diffusers, cls_name)
+    pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(**SD),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, parts, scheduler, steps, seed=1, **kw):
+    _, _, calls, emb, neg = parts
+    pipe.scheduler = scheduler
+    calls.clear()
+    out = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=GUIDANCE,
+               output_type="latent", generator=torch.Generator().manual_seed(seed), **kw).images
+    return out, len(calls)
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spec", ["ddim", "dpmpp_2m", "dpmpp_3m", "heun", "dpm_solver_2", "dpm_solver_3", "unipc",
+                                  "deis", "ipndm", "sa_solver:tau=0", "hb", "ghvb", "evodiff", "bdia"])
+@pytest.mark.parametrize("grid", ["diffusers", "time_quadratic", "karras"])
+def test_pipeline_equals_fewstep_sample(parts, spec, grid, prediction):
+    """The scheduler inside StableDiffusionPipeline = fewstep.sample with the same guidance, grid and noise, and
+    the network is called exactly as often (the pipeline batches its two guidance branches into one call)."""
+    unet, _, _, emb, neg = parts
+    name, *knobs = spec.split(":")
+    options = {k: float(v) for k, v in (kv.split("=") for kv in knobs)}
+    base = diffusers.DDIMScheduler(**SD, prediction_type=prediction)
+    scheduler = FewstepScheduler.from_config(base.config, solver=name, grid=grid, **options)
+    steps = 5
+    got, calls = run(make_pipe(parts), parts, scheduler, steps, height=16, width=16)
+    den = ClassifierFreeGuidance(from_diffusers(unet, base.config), GUIDANCE, uncond={"encoder_hidden_states": neg})
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    counter = NFECounter()
+    grid_times = torch.tensor(scheduler._plan.times, dtype=torch.float64)
+    want = sample(den, make_solver(name, **options), grid_times, x_init=x_init,
+                  cond={"encoder_hidden_states": emb}, hooks=[counter])
+    assert rel(got, want) < 1e-5
+    assert calls == counter.nfe == len(scheduler.timesteps)
+    if grid == "diffusers":
+        base.set_timesteps(steps)
+        assert torch.equal(scheduler.timesteps[:: scheduler.order][:steps], base.timesteps)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("peer,solver", [("DDIMScheduler", "ddim"), ("DPMSolverMultistepScheduler", "dpmpp_2m"),
+                                         ("UniPCMultistepScheduler", "unipc")])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_parity_with_diffusers_schedulers(parts, peer, solver, prediction, spacing):
+    """Configured to the same method on the base scheduler's own timesteps, the pipeline gives diffusers' latents."""
+    if peer == "DDIMScheduler" and spacing == "linspace":
+        pytest.skip("diffusers' DDIM steps to t - N // steps, not to its next linspace timestep (docs/parity.md)")
+    extra = {"set_alpha_to_one": True, "clip_sample": False} if peer == "DDIMScheduler" else {}
+    base = getattr(diffusers, peer)(**SD, **extra, prediction_type=prediction, timestep_spacing=spacing,
+                                    steps_offset=1 if spacing == "leading" else 0)
+    pipe = make_pipe(parts)
+    for steps in (5, 8):
+        want, want_calls = run(pipe, parts, type(base).from_config(base.config), steps, height=16, width=16)
+        got, calls = run(pipe, parts, FewstepScheduler.from_config(base.config, solver=solver), steps,
+                         height=16, width=16)
+        assert rel(got, want) < 1e-5 and calls == want_calls == steps
+
+
+def test_img2img_matches_ddim(parts):
+    """StableDiffusionImg2ImgPipeline (strength slices the timesteps and calls set_begin_index + add_noise)."""
+    pipe = make_pipe(parts, "StableDiffusionImg2ImgPipeline")
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    base = diffusers.DDIMScheduler(**SD, set_alpha_to_one=True, clip_sample=False, timestep_spacing="trailing")
+    want, want_calls = run(pipe, parts, diffusers.DDIMScheduler.from_config(base.config), 10, image=image,
+                           strength=0.6)
+    got, calls = run(pipe, parts, FewstepScheduler.from_config(base.config, solver="ddim"), 10, image=image,
+                     strength=0.6)
+    assert calls == want_calls == 6 and rel(got, want) < 1e-5
+
+
+def test_img2img_with_a_two_evaluation_solver(parts):
+    pipe = make_pipe(parts, "StableDiffusionImg2ImgPipeline")
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="heun",
+                                             grid="time_quadratic")
+    out, calls = run(pipe, parts, scheduler, 10, image=image, strength=0.5)
+    assert calls == 2 * 5 - 1 and torch.isfinite(out).all()  # 5 steps, the last one to zero costs one evaluation
+
+
+def test_custom_timesteps_are_the_grid(parts):
+    unet, _, _, emb, neg = parts
+    base = diffusers.DDIMScheduler(**SD)
+    scheduler = FewstepScheduler.from_config(base.config, solver="dpmpp_2m")
+    got, calls = run(make_pipe(parts), parts, scheduler, None, timesteps=[999, 749, 499, 249], height=16, width=16)
+    assert calls == 4 and scheduler._plan.times == [1.0, 0.75, 0.5, 0.25, 0.0]
+    den = ClassifierFreeGuidance(from_diffusers(unet, base.config), GUIDANCE, uncond={"encoder_hidden_states": neg})
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    want = sample(den, "dpmpp_2m", [1.0, 0.75, 0.5, 0.25, 0.0], x_init=x_init, cond={"encoder_hidden_states": emb})
+    assert rel(got, want) < 1e-5
+
+
+def test_stochastic_solver_takes_the_pipeline_generator(parts):
+    pipe = make_pipe(parts)
+    cfg = diffusers.DDIMScheduler(**SD).config
+    a, _ = run(pipe, parts, FewstepScheduler.from_config(cfg, solver="dpmpp_2m_sde"), 6, seed=3, height=16, width=16)
+    b, _ = run(pipe, parts, FewstepScheduler.from_config(cfg, solver="dpmpp_2m_sde"), 6, seed=3, height=16, width=16)
+    c, _ = run(pipe, parts, FewstepScheduler.from_config(cfg, solver="dpmpp_2m_sde"), 6, seed=4, height=16, width=16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_runs_are_independent_and_reset_by_set_timesteps(parts):
+    pipe = make_pipe(parts)
+    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="unipc")
+    a, _ = run(pipe, parts, scheduler, 6, height=16, width=16)
+    b, _ = run(pipe, parts, scheduler, 6, height=16, width=16)
+    other = FewstepScheduler.from_config(scheduler.config)
+    for s in (scheduler, other):
+        s.set_timesteps(6)
+    x = torch.randn(1, 4, 8, 8)
+    outs = [s.step(torch.zeros_like(x), s.timesteps[0], x).prev_sample for s in (scheduler, other)]
+    assert torch.equal(a, b) and torch.equal(outs[0], outs[1])
+
+
+def test_save_and_load_keep_the_choice(tmp_path):
+    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="sa_solver", tau=0,
+                                             grid="karras")
+    scheduler.save_pretrained(tmp_path)
+    again = FewstepScheduler.from_pretrained(tmp_path)
+    assert again.config["solver"] == "sa_solver" and again.config["solver_options"] == {"tau": 0}
+    assert again.config["grid"] == "karras" and again.config["base_scheduler"] == "DDIMScheduler"
+    for s in (scheduler, again):
+        s.set_timesteps(7)
+    assert torch.equal(scheduler.timesteps, again.timesteps)
+
+
+def test_base_class_is_recognised_from_a_bare_config():
+    for cls in (diffusers.DDIMScheduler, diffusers.DPMSolverMultistepScheduler, diffusers.EulerDiscreteScheduler,
+                diffusers.FlowMatchEulerDiscreteScheduler):
+        assert FewstepScheduler.from_config(cls().config).config["base_scheduler"] == cls.__name__
+
+
+def test_errors():
+    cfg = diffusers.DDIMScheduler(**SD).config
+    with pytest.raises(ValueError, match="did you mean 'dpmpp_2m'"):
+        FewstepScheduler.from_config(cfg, solver="dpmpp2m")
+    with pytest.raises(TypeError, match="etta"):
+        FewstepScheduler.from_config(cfg, solver="ddim", etta=1)
+    with pytest.raises(ValueError, match="did you mean 'karras'"):
+        FewstepScheduler.from_config(cfg, grid="karas")
+    s = FewstepScheduler.from_config(cfg, solver="f_ddim")
+    with pytest.raises(ValueError, match="run it with fewstep.sample"):
+        s.set_timesteps(5)
+    s = FewstepScheduler.from_config(cfg, grid="karras")
+    with pytest.raises(ValueError, match="call set_timesteps before step"):
+        s.step(torch.zeros(1, 4), 999, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="use grid='diffusers'"):
+        s.set_timesteps(timesteps=[999, 500])
+    s.set_timesteps(2)
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="expected"):
+        s.step(x, 3, x)
+    s.set_timesteps(2)
+    for t in s.timesteps:
+        x = s.step(torch.zeros(1, 4), t, x).prev_sample
+    with pytest.raises(ValueError, match="after the last timestep"):
+        s.step(x, s.timesteps[-1], x)
