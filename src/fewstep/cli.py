@@ -9,6 +9,7 @@ Examples::
     fewstep solvers                    # name, order, NFE/step, stochastic, reference paper
     fewstep demo                       # solver errors at 5/10/20 NFE on an analytic Gaussian mixture
     fewstep zoo train unet_m           # retrain a shipped model (reproducible)
+    fewstep generate --pipeline ./sd-model --prompt "a red fox" --solver unipc --steps 8 --out fox.png
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def _step_count(text: str) -> int:
     if value > MAX_STEPS:
         raise argparse.ArgumentTypeError(f"at most {MAX_STEPS:,} steps, got {value:,}")
     return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -206,6 +219,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fewstep.bench.report import mosaic
+    from fewstep.outputs import atomic_write, check_output_file
+    from fewstep.pipelines import DTYPES, generate, load_pipeline, use_fewstep
+
+    out = check_output_file(args.out, (".png", ".npz"))  # before any work
+    options = _options(args.option)
+    make_solver(args.solver, **options)  # a bad solver or knob fails before the pipeline loads
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % 8:
+            raise ValueError(f"{name} must be a multiple of 8, got {value}")
+    pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[args.dtype], device=args.device)
+    scheduler = use_fewstep(pipe, args.solver, args.grid, **options)
+    x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=args.steps, negative_prompt=args.negative_prompt,
+                        guidance=args.guidance, height=args.height, width=args.width,
+                        latents=out.suffix == ".npz", progress=not args.quiet)
+    if out.suffix == ".npz":
+        arrays = {"latents": x.float().cpu().numpy(), "seeds": np.array(args.seeds), "network_calls": calls,
+                  "timesteps": scheduler.timesteps.float().cpu().numpy()}
+        atomic_write(out, lambda f: np.savez(f, **arrays))
+        what = "undecoded latents"
+    else:
+        from PIL import Image
+
+        image = Image.fromarray(mosaic(x.float().cpu() * 2 - 1, scale=1))
+        atomic_write(out, lambda f: image.save(f, format="PNG"))
+        what = "images"
+    print(f"{len(args.seeds)} {what}, {args.solver} on the {args.grid} grid, {calls} network calls -> {out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fewstep.bench import ResultStore, run_sweep, sweep, write_report
     from fewstep.outputs import check_output_dir
@@ -297,6 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True, help="output .png (image grid) or .npz (samples)")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     smp.set_defaults(func=cmd_sample)
+
+    gen = sub.add_parser("generate", help="a diffusers pipeline folder, prompted, sampled by a fewstep solver",
+                         description="Generate images from a local diffusers pipeline folder (offline, safetensors "
+                                     "only) with a fewstep solver in place of its scheduler. Example: fewstep "
+                                     "generate --pipeline ./sd-model --prompt 'a red fox' --solver unipc --steps 8 "
+                                     "--seeds 0-3 --out fox.png")
+    gen.add_argument("--pipeline", required=True, help="local diffusers pipeline folder (with model_index.json)")
+    gen.add_argument("--prompt", required=True, help="the text prompt")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt (default: the pipeline's)")
+    gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    gen.add_argument("--solver", default="dpmpp_2m", help="fewstep solver name (see `fewstep solvers`)")
+    gen.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. tau=0")
+    gen.add_argument("--steps", type=_step_count, default=20, help="number of steps (20)")
+    gen.add_argument("--grid", choices=["diffusers", *GRIDS], default="diffusers",
+                     help="time grid: the pipeline scheduler's own steps (diffusers) or a fewstep grid")
+    gen.add_argument("--seeds", type=_seeds, default=parse_seeds("0-3"), help="seed range, one image each (0-3)")
+    gen.add_argument("--height", type=_positive_int, default=None, help="image height (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="image width (default: the model's)")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="dtype of the pipeline's weights (float32)")
+    gen.add_argument("--device", type=_device, default="cpu", help="torch device (cpu)")
+    gen.add_argument("--out", required=True, help="output .png (RGB image grid) or .npz (undecoded latents)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="run solvers side by side (optionally with diffusers) into a results DB",
                            description="Run models x solvers x steps, store results (resumable), optionally report.",

@@ -1,0 +1,101 @@
+"""From a prompt to an image: a local diffusers pipeline folder, sampled by a fewstep solver.
+
+:func:`load_pipeline` loads a pipeline folder offline from safetensors only; :func:`use_fewstep` swaps its scheduler
+for :class:`~fewstep.scheduler.FewstepScheduler`; :func:`generate` runs it with one seeded generator per image, so
+image k is the same whatever else is generated with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.scheduler import FewstepScheduler
+
+__all__ = ["DTYPES", "denoising_network", "generate", "load_pipeline", "use_fewstep"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_pipeline(folder: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, variant: str | None = None) -> Any:
+    """A diffusers pipeline from a local folder (``model_index.json`` + components), nothing downloaded.
+
+    Every component's weights are read from safetensors (``use_safetensors=True``: diffusers and transformers raise
+    instead of falling back to a pickled file, whatever else the folder holds). A one-line ``ValueError`` names
+    what is wrong.
+    """
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    root = Path(folder)
+    if not (root / "model_index.json").is_file():
+        raise ValueError(f"{root} is not a diffusers pipeline folder (no model_index.json)")
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(root, use_safetensors=True, local_files_only=True,
+                                                           torch_dtype=torch_dtype, variant=variant)
+    except Exception as err:  # diffusers/transformers raise OSError, ValueError, EnvironmentError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load the pipeline in {root}: {first}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity[0])
+        transformers_logging.set_verbosity(verbosity[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def use_fewstep(pipe: Any, solver: str = "dpmpp_2m", grid: str = "diffusers", **knobs: Any) -> FewstepScheduler:
+    """Replace ``pipe.scheduler`` with a :class:`FewstepScheduler` on the same base config; returns it."""
+    scheduler = FewstepScheduler.from_config(pipe.scheduler, solver=solver, grid=grid, **knobs)
+    pipe.scheduler = scheduler
+    return scheduler
+
+
+def denoising_network(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoising network (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        net = getattr(pipe, name, None)
+        if isinstance(net, torch.nn.Module):
+            return net
+    raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+
+
+def generate(pipe: Any, prompt: str, *, seeds: Sequence[int], steps: int, negative_prompt: str | None = None,
+             guidance: float | None = None, height: int | None = None, width: int | None = None,
+             latents: bool = False, progress: bool = True) -> tuple[torch.Tensor, int]:
+    """Images (``(B, 3, H, W)`` in [0, 1]) or, with ``latents=True``, the undecoded latents, one per seed; and the
+    number of network calls. Image k comes from a generator seeded with ``seeds[k]`` alone."""
+    calls = []
+    hook = denoising_network(pipe).register_forward_hook(lambda *_: calls.append(1))
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "num_images_per_prompt": len(seeds),
+                              "generator": [torch.Generator().manual_seed(int(s)) for s in seeds],
+                              "output_type": "latent" if latents else "pt"}
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    pipe.set_progress_bar_config(disable=not progress)
+    try:
+        with torch.no_grad():
+            out = pipe(prompt, **kwargs).images
+    finally:
+        hook.remove()
+    return out, len(calls)
