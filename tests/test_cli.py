@@ -55,9 +55,9 @@ def test_db_not_writable(capsys, tmp_path):
 def test_unreadable_and_pickled_checkpoints(capsys, tmp_path):
     import diffusers
 
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    from tiny_pipelines import unet2d
+
+    unet = unet2d(1)
     unet.save_pretrained(tmp_path / "corrupt" / "unet")
     diffusers.DDPMScheduler().save_pretrained(tmp_path / "corrupt" / "scheduler")
     (tmp_path / "corrupt" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")

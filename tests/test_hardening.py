@@ -107,9 +107,9 @@ def test_rgb_model_is_saved_in_colour(tmp_path, capsys):
     import diffusers
     from PIL import Image
 
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    from tiny_pipelines import unet2d
+
+    unet = unet2d(3)
     unet.save_pretrained(tmp_path / "rgb" / "unet")
     diffusers.DDPMScheduler().save_pretrained(tmp_path / "rgb" / "scheduler")
     code = main(["sample", "--model", str(tmp_path / "rgb"), "--steps", "2", "--seeds", "0-3", "--quiet",

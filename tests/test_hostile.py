@@ -54,9 +54,9 @@ def tiny_unet(tmp_path_factory) -> Path:
     import diffusers
 
     folder = tmp_path_factory.mktemp("tiny")
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
-                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    from tiny_pipelines import unet2d
+
+    unet = unet2d(1)
     unet.save_pretrained(folder / "unet")
     diffusers.DDPMScheduler().save_pretrained(folder / "scheduler")
     unet.save_pretrained(folder / "pickled_unet", safe_serialization=False)

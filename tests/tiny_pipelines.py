@@ -47,3 +47,10 @@ def stable_diffusion(folder: Path, *, prediction_type: str = "epsilon", seed: in
                                              requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def unet2d(channels: int = 1) -> diffusers.UNet2DModel:
+    """A tiny unconditional UNet2DModel on 8x8 images with ``channels`` channels."""
+    return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
