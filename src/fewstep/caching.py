@@ -254,7 +254,8 @@ def _inner(den: Denoiser, attr: str) -> ModelDenoiser:
 
 class _CachedNet:
     """Base of the per-run networks: the run (grid, hooks), the time of the current evaluation, and the grid steps
-    computed in full (``None`` when the method decides per evaluation)."""
+    computed in full (``None`` when the method decides per evaluation). A net stands in for the diffusers module, so
+    it takes that module's keywords (the model family calls it by keyword)."""
 
     def __init__(self, method: _Cache, run: Run, full: set[int] | None = None) -> None:
         self.method, self.run, self.full = method, run, full
@@ -276,6 +277,7 @@ class _Cache(Denoiser):
     def __init__(self, den: Denoiser) -> None:
         self.den = _inner(den, type(self).__name__)
         self.schedule = self.den.schedule
+        self.required_cond = self.den.required_cond
 
     def _net(self, run: Run) -> _CachedNet:
         return self.net_class(self, run)
@@ -335,12 +337,12 @@ class _DeepCacheNet(_CachedNet):
         super().__init__(method, run, full)
         self.cached: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         u, b = self.method.unet, self.method.branch
         step = self.step_now()
         n_up = len(u.unet.up_blocks)
-        reuse = self.reuses(step, self.cached, x.shape[0])
-        sample, emb, extra = u.embed(x, timestep, cond)
+        reuse = self.reuses(step, self.cached, sample.shape[0])
+        sample, emb, extra = u.embed(sample, timestep, cond)
         if reuse:
             _, res = u.down(sample, emb, extra, upto=b)
             needed = sum(len(u.unet.up_blocks[i].resnets) for i in range(n_up - 1 - b, n_up))
@@ -381,11 +383,11 @@ class _EncoderNet(_CachedNet):
         self.deep: torch.Tensor | None = None  # the mid block's output
         self.res: list[torch.Tensor] = []  # the encoder's residuals
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         u = self.method.unet
         step = self.step_now()
-        reuse = self.reuses(step, self.deep, x.shape[0])
-        sample, emb, extra = u.embed(x, timestep, cond)
+        reuse = self.reuses(step, self.deep, sample.shape[0])
+        sample, emb, extra = u.embed(sample, timestep, cond)
         if not reuse:
             deep, self.res = u.down(sample, emb, extra)
             self.deep = u.mid(deep, emb, extra)
@@ -438,8 +440,9 @@ class _BlockCacheNet(_CachedNet):
         self.rest: torch.Tensor | None = None  # residual of blocks 1.. at that evaluation
         self.streak: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
+    def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
                  **cond: Any) -> torch.Tensor:
+        x = hidden_states  # named as DiTTransformer2DModel.forward's input: the family calls it by keyword
         if cond:
             raise TypeError(f"conditioning {sorted(cond)} is not supported by BlockCache")
         net, m = self.method.den.model, self.method

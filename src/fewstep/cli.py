@@ -191,8 +191,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, (".png", ".npz"))  # before any work: a bad path must not cost a run
     den = load(args.model)
     solver = make_solver(args.solver, **_options(args.option))
-    cfg = den.model.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    shape = den.sample_shape
     if out.suffix == ".png" and shape[0] not in (1, 3):
         raise ValueError(f"--out {out}: a PNG grid needs 1 or 3 channels, this model makes {shape[0]}; use .npz")
     cond = _class_labels(den, args.label, len(args.seeds))

@@ -214,7 +214,14 @@ GRIDS: dict[str, GridFn] = {
 
 
 def make_grid(name: str, schedule: NoiseSchedule, steps: int, **knobs: float | bool | None) -> torch.Tensor:
-    """Look up grid ``name`` in :data:`GRIDS` and call it; unknown names get a close-match suggestion."""
+    """Look up grid ``name`` in :data:`GRIDS` and call it; unknown names get a close-match suggestion.
+
+    ``"diffusers"`` (a diffusers scheduler's own timesteps) is not a function of ``(schedule, steps)`` alone: it
+    needs the scheduler config, so it is :func:`fewstep.models.diffusers_grid`, not a registered grid.
+    """
+    if name == "diffusers":
+        raise ValueError("the 'diffusers' grid is a diffusers scheduler's own timesteps and needs its config: call "
+                         "fewstep.models.diffusers_grid(scheduler_or_config, schedule, steps)")
     try:
         fn = GRIDS[name]
     except KeyError:

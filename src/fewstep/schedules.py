@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BETA_SCHEDULES",
     "NoiseSchedule",
     "DiscreteVP",
     "LinearVP",
@@ -84,6 +85,27 @@ class NoiseSchedule(ABC):
         return math.exp(-self.lam(t)) if t > 0 else 0.0
 
 
+def _alpha_bar_cosine(s: float) -> float:
+    return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _alpha_bar_laplace(s: float) -> float:
+    lam = -0.5 * math.copysign(1, 0.5 - s) * math.log(1 - 2 * math.fabs(0.5 - s) + 1e-6)
+    snr = math.exp(lam)
+    return math.sqrt(snr / (1 + snr))
+
+
+def _alpha_bar_exp(s: float) -> float:
+    return math.exp(s * -12.0)
+
+
+# alpha_bar(s) on [0, 1] of the beta schedules defined by it (betas_n = 1 - alpha_bar((n+1)/N) / alpha_bar(n/N))
+_ALPHA_BAR = {"squaredcos_cap_v2": _alpha_bar_cosine, "laplace": _alpha_bar_laplace, "exp": _alpha_bar_exp}
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
+"""The beta schedule names of :meth:`DiscreteVP.named` (every ``beta_schedule`` diffusers 0.42 implements)."""
+
+
 class DiscreteVP(NoiseSchedule):
     """Variance-preserving schedule of a discrete-time DDPM, from its ``alphas_cumprod`` table.
 
@@ -130,13 +152,23 @@ class DiscreteVP(NoiseSchedule):
         num_train_timesteps: int = 1000,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
+        rescale_zero_snr: bool = False,
     ) -> DiscreteVP:
-        """The beta schedules of DDPM/diffusers: ``linear``, ``scaled_linear``, ``squaredcos_cap_v2``.
+        """The beta schedules of DDPM/diffusers, by their diffusers names (:data:`BETA_SCHEDULES`):
 
-        The table is diffusers' ``alphas_cumprod`` bit for bit (``DDPMScheduler`` and the schedulers that copy
-        it): the betas are made in float32 (``torch.linspace`` in float32; the cosine betas in Python floats, then
-        cast) and their cumulative product is taken by ``torch.cumprod`` in float32, exactly as diffusers does.
-        A float64 product cast to float32 is not that table (1.3e-5 relative at the cosine table's last entry).
+        * ``linear``: betas equally spaced from ``beta_start`` to ``beta_end`` (*DDPM*, Ho et al., 2020);
+        * ``scaled_linear``: equally spaced in ``sqrt(beta)`` (latent diffusion);
+        * ``squaredcos_cap_v2``: the cosine ``alpha_bar`` of *Improved DDPM* (Nichol & Dhariwal, 2021), betas
+          capped at 0.999;
+        * ``sigmoid``: ``beta_start + (beta_end - beta_start) sigmoid(u)``, ``u`` equally spaced in [-6, 6] (GeoDiff);
+        * ``laplace``: ``alpha_bar`` from a Laplace-distributed log-SNR, ``lam = -sign(1/2 - s) log(1 - |1 - 2s|
+          + 1e-6) / 2``, ``alpha_bar = sqrt(sigmoid(lam))`` as diffusers writes it; betas capped at 0.999;
+        * ``exp``: ``alpha_bar = exp(-12 s)``, betas capped at 0.999.
+
+        The table is diffusers' ``alphas_cumprod`` bit for bit (see :meth:`from_betas_float32`): the betas are made in
+        float32 (``torch.linspace`` in float32; the ``alpha_bar`` schedules in Python floats, then cast), exactly as
+        diffusers does. A float64 product cast to float32 is not that table (1.3e-5 relative at the cosine table's
+        last entry). ``rescale_zero_snr``: see :meth:`from_betas_float32`.
         """
         n = num_train_timesteps
         if n < 2:
@@ -145,14 +177,51 @@ class DiscreteVP(NoiseSchedule):
             betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
         elif name == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
-        elif name == "squaredcos_cap_v2":
-            f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        elif name == "sigmoid":
+            u = torch.linspace(-6, 6, n, dtype=torch.float32)
+            betas = torch.sigmoid(u) * (beta_end - beta_start) + beta_start
+        elif name in _ALPHA_BAR:
+            f = _ALPHA_BAR[name]
             betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float32)
         else:
-            raise ValueError(
-                f"unknown beta schedule {name!r}; expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
-            )
-        return cls.from_alphas_cumprod(torch.cumprod(1.0 - betas, dim=0).double().numpy())
+            raise ValueError(f"unknown beta schedule {name!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+        return cls.from_betas_float32(betas, rescale_zero_snr=rescale_zero_snr)
+
+    @classmethod
+    def from_betas_float32(
+        cls, betas: Sequence[float] | np.ndarray | torch.Tensor, *, rescale_zero_snr: bool = False
+    ) -> DiscreteVP:
+        """The table diffusers' schedulers build from ``betas``: cast to float32, ``alphas_cumprod`` by
+        ``torch.cumprod`` in float32.
+
+        ``rescale_zero_snr`` applies Algorithm 1 of *Common Diffusion Noise Schedules and Sample Steps are Flawed*
+        (Lin et al., 2024) in float32 as diffusers' ``rescale_zero_terminal_snr`` does: ``sqrt(alpha_bar)`` is shifted
+        so its last entry is 0 and scaled so its first is unchanged. A final ``alpha_bar = 0`` has ``lam = -inf``,
+        which no solver can start from (fewstep's steps are written in ``x / alpha``), so that entry becomes
+        ``2**-24`` (alpha = 2**-12, lam = -8.3), exactly as diffusers' Euler, DPM-Solver and UniPC schedulers set it.
+        (DDIM and DDPM keep 0 and evaluate the network at alpha = 0; with the v-prediction these models use, the first
+        ``x0_hat`` differs from theirs by 2.4e-4 times ``x``.)
+        """
+        b = torch.as_tensor(np.asarray(betas, dtype=np.float32) if not isinstance(betas, torch.Tensor) else betas)
+        b = b.to(torch.float32)
+        if b.ndim != 1 or b.numel() < 2:
+            raise ValueError("betas must be a 1-D table with at least 2 entries")
+        if rescale_zero_snr:
+            root = torch.cumprod(1.0 - b, dim=0).sqrt()
+            first, last = root[0].clone(), root[-1].clone()
+            root = (root - last) * (first / (first - last))
+            alpha_bar = root**2
+            b = 1 - torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+        alphas_cumprod = torch.cumprod(1.0 - b, dim=0)
+        if rescale_zero_snr:
+            if not alphas_cumprod[-2] > 2**-24:
+                raise ValueError(
+                    f"rescaled to zero terminal SNR, this beta table has alpha_bar = {float(alphas_cumprod[-2]):.3g} "
+                    "at its second-to-last step, below the 2**-24 that replaces the final 0 (as diffusers does): "
+                    "the table would not decrease. Zero-SNR rescaling suits schedules that end less abruptly "
+                    "(e.g. scaled_linear)")
+            alphas_cumprod[-1] = 2**-24
+        return cls(alphas_cumprod.double().numpy())
 
     def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
         if t < self.t_min * (1 - 1e-12):
@@ -178,6 +247,24 @@ class DiscreteVP(NoiseSchedule):
     def time_of_index(self, n: float) -> float:
         """Inverse of :meth:`index`."""
         return (float(n) + 1.0) / self.num_train_timesteps
+
+    def sigma_index(self, t: float) -> float:
+        """The fractional training step whose noise level is that of ``t`` when the table is interpolated linearly
+        in ``log(sigma / alpha)`` between steps, as diffusers' sigma-based schedulers do (``_sigma_to_t``); clamped
+        to ``[0, N - 1]``. Equals :meth:`index` at every training step; between steps it is the timestep diffusers
+        feeds the network at that noise level (:meth:`index` follows this schedule's interpolation of ``log alpha``
+        in ``t``, which differs inside a step by a small fraction of a step)."""
+        return float(np.interp(-self.lam(t), -self._lam_table, np.arange(self.num_train_timesteps, dtype=np.float64)))
+
+    def time_of_sigma_index(self, n: float) -> float:
+        """Inverse of :meth:`sigma_index` on ``[0, N - 1]``; exactly :meth:`time_of_index` at integer steps."""
+        n = float(n)
+        if not 0.0 <= n <= self.num_train_timesteps - 1:
+            raise ValueError(f"training step {n} is outside [0, {self.num_train_timesteps - 1}]")
+        if n == round(n):
+            return self.time_of_index(n)
+        lam = float(np.interp(n, np.arange(self.num_train_timesteps, dtype=np.float64), self._lam_table))
+        return self.inverse_lam(lam)
 
     def __repr__(self) -> str:
         return f"DiscreteVP(N={self.num_train_timesteps}, lam=[{self.lam_min:.3f}, {self.lam_max:.3f}])"
@@ -239,12 +326,20 @@ class CosineVP(NoiseSchedule):
 
 class EDM(NoiseSchedule):
     """Variance-exploding schedule in the parametrisation of *Elucidating the Design Space of
-    Diffusion-Based Generative Models* (Karras et al., 2022): ``t = sigma``, ``alpha = 1``."""
+    Diffusion-Based Generative Models* (Karras et al., 2022): ``t = sigma``, ``alpha = 1``.
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+    ``sigma_data`` is the data's standard deviation that the network's preconditioning assumes (EDM's ``c_in``,
+    ``c_skip``, ``c_out``; 0.5 in the paper and in diffusers): the default of a ``ModelDenoiser`` with the ``edm``
+    prediction on this schedule. It does not change ``alpha`` or ``sigma``.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, *, sigma_data: float = 0.5) -> None:
         if not (0 < sigma_min < sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not (sigma_data > 0 and math.isfinite(sigma_data)):
+            raise ValueError(f"sigma_data must be a positive number, got {sigma_data}")
         self.t_min, self.t_max = float(sigma_min), float(sigma_max)
+        self.sigma_data = float(sigma_data)
 
     def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
         return 0.0, math.log(t)
@@ -253,24 +348,56 @@ class EDM(NoiseSchedule):
         return 0.0 if lam == math.inf else math.exp(-lam)
 
     def __repr__(self) -> str:
-        return f"EDM(sigma=[{self.t_min}, {self.t_max}])"
+        data = "" if self.sigma_data == 0.5 else f", sigma_data={self.sigma_data}"
+        return f"EDM(sigma=[{self.t_min}, {self.t_max}]{data})"
 
 
 class RectifiedFlow(NoiseSchedule):
-    """Rectified flow / flow matching: ``alpha = 1 - t``, ``sigma = t`` on ``[t_min, t_max]``."""
+    """Rectified flow / flow matching, optionally time-shifted: ``sigma = s t / (1 + (s - 1) t)``,
+    ``alpha = 1 - sigma`` on ``[t_min, t_max]``.
 
-    def __init__(self, *, t_min: float = 1e-3, t_max: float = 1.0 - 1e-4) -> None:
+    With ``shift = 1`` (the default) this is ``alpha = 1 - t``, ``sigma = t``. A shift ``s > 1`` spends more of the
+    time interval at high noise: the resolution-dependent shift of *Scaling Rectified Flow Transformers for
+    High-Resolution Image Synthesis* (Esser et al., 2024), which diffusers' ``FlowMatchEulerDiscreteScheduler``
+    applies to its sigmas (``shift``, or ``exp(mu)`` with dynamic shifting). It is a warp of time only, so the
+    half log-SNR is ``lam = log((1 - t) / t) - log(s)`` and equal-``t`` grids on this schedule are diffusers'
+    shifted sigmas. Flow networks take ``sigma * N`` as their timestep (see
+    :func:`fewstep.models.scheduler_config.native_time_from_config`).
+    """
+
+    def __init__(self, shift: float = 1.0, *, t_min: float = 1e-3, t_max: float = 1.0 - 1e-4) -> None:
         if not (0 < t_min < t_max < 1):
             raise ValueError(f"need 0 < t_min < t_max < 1, got {t_min}, {t_max}")
+        if not (shift > 0 and math.isfinite(shift)):
+            raise ValueError(f"shift must be a positive number, got {shift}")
+        self.shift = float(shift)
         self.t_min, self.t_max = float(t_min), float(t_max)
 
     def _log_alpha_sigma(self, t: float) -> tuple[float, float]:
-        return math.log1p(-t), math.log(t)
+        log_den = math.log1p((self.shift - 1.0) * t)
+        return math.log1p(-t) - log_den, math.log(self.shift * t) - log_den
+
+    def alpha(self, t: float) -> float:
+        t = _check_t(self, t)
+        return (1.0 - t) / (1.0 + (self.shift - 1.0) * t)
+
+    def sigma(self, t: float) -> float:
+        t = _check_t(self, t)
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
 
     def inverse_lam(self, lam: float) -> float:
         if lam == math.inf:
             return 0.0
+        lam = lam + math.log(self.shift)  # the unshifted flow's lam = log((1 - t) / t)
         return 1.0 / (1.0 + math.exp(lam)) if lam > 0 else math.exp(-lam) / (1.0 + math.exp(-lam))
 
+    def time_of_sigma(self, sigma: float) -> float:
+        """The time with ``sigma(t) = sigma`` for ``0 <= sigma <= 1`` (the inverse of the shift warp)."""
+        sigma = float(sigma)
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"a flow sigma lies in [0, 1], got {sigma}")
+        return sigma / (self.shift - (self.shift - 1.0) * sigma)
+
     def __repr__(self) -> str:
-        return f"RectifiedFlow(t=[{self.t_min}, {self.t_max}])"
+        shift = "" if self.shift == 1.0 else f"shift={self.shift}, "
+        return f"RectifiedFlow({shift}t=[{self.t_min}, {self.t_max}])"

@@ -70,7 +70,7 @@ class Context:
     def x_init(self, exp: Experiment) -> torch.Tensor:
         den = self.model(exp.model)
         s = den.schedule
-        shape = (den.model.config.in_channels, den.model.config.sample_size, den.model.config.sample_size)
+        shape = den.sample_shape
         z = SampleNoise(parse_seeds(exp.seeds), shape).draw()
         return z * s.prior_std(s.t_max)
 

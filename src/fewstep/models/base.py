@@ -46,6 +46,9 @@ class Denoiser(ABC):
     """
 
     schedule: NoiseSchedule
+    #: conditioning keys every call must carry (a text model's prompt embeddings); empty when the denoiser runs
+    #: without any (an unconditional model, or one with a default null condition such as a class-conditional DiT)
+    required_cond: tuple[str, ...] = ()
 
     @property
     def t_min(self) -> float:

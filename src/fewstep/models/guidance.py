@@ -15,15 +15,26 @@ class ClassifierFreeGuidance(Denoiser):
     *Classifier-Free Diffusion Guidance* (Ho & Salimans, 2022) combines eps predictions; at fixed ``(x, t)``
     the map eps -> x0 (and v -> x0) is affine, so combining in x0 gives bit-for-bit the same update up to
     round-off. Counts as one NFE per call (the usual convention) although it runs the network twice.
+
+    ``uncond`` is the conditioning of the negative (or empty) prompt: its embeddings, and for SDXL, SD3 and Flux
+    its pooled embeddings too; tensors of batch 1 are broadcast to the batch. It may be left out only when the
+    denoiser needs no conditioning (``inner.required_cond`` empty: an unconditional model, or one with a default
+    null condition such as a class-conditional DiT's null label).
     """
 
     def __init__(self, inner: Denoiser, scale: float, *, uncond: Cond = None) -> None:
         if not isinstance(inner, Denoiser):
             raise TypeError(f"inner must be a Denoiser, got {type(inner).__name__}")
+        if uncond is None and inner.required_cond:
+            raise ValueError(f"ClassifierFreeGuidance needs uncond=: this denoiser has no default null condition and "
+                             f"needs {list(inner.required_cond)} on every call; pass the negative (or empty) prompt's "
+                             f"conditioning with those keys (its embeddings, and for SDXL/SD3/Flux its pooled "
+                             f"embeddings too)")
         self.inner = inner
         self.scale = float(scale)
         self.uncond = uncond
         self.schedule = inner.schedule
+        self.required_cond = inner.required_cond
 
     def for_run(self, run: Run) -> Denoiser:
         inner = self.inner.for_run(run)
