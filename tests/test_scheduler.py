@@ -204,3 +204,130 @@ def test_errors():
         x = s.step(torch.zeros(1, 4), t, x).prev_sample
     with pytest.raises(ValueError, match="after the last timestep"):
         s.step(x, s.timesteps[-1], x)
+
+
+# ---------------------------------------------------------------- flow pipelines: SD3 (static shift), Flux (dynamic)
+
+
+def tiny_vae():
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=16).eval()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    torch.manual_seed(0)
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=16).eval()
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=net, scheduler=base, vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    return pipe, base, cond, uncond
+
+
+def run_sd3(sd3, scheduler, steps=5):
+    pipe, _, cond, uncond = sd3
+    pipe.scheduler = scheduler
+    return pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                negative_prompt_embeds=uncond["encoder_hidden_states"],
+                negative_pooled_prompt_embeds=uncond["pooled_projections"], num_inference_steps=steps,
+                guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(1),
+                height=16, width=16).images
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "heun", "unipc", "dpmpp_3m"])
+@pytest.mark.parametrize("grid", ["diffusers", "time_uniform"])
+def test_sd3_pipeline_equals_fewstep_sample(sd3, solver, grid):
+    pipe, base, cond, uncond = sd3
+    scheduler = FewstepScheduler.from_config(base.config, solver=solver, grid=grid)
+    got = run_sd3(sd3, scheduler)
+    den = ClassifierFreeGuidance(from_diffusers(pipe.transformer, base.config), GUIDANCE, uncond=uncond)
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    want = sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    assert rel(got, want) < (1e-4 if solver == "heun" else 1e-5)
+
+
+def test_sd3_parity_with_flow_match_euler(sd3):
+    _, base, _, _ = sd3
+    want = run_sd3(sd3, diffusers.FlowMatchEulerDiscreteScheduler.from_config(base.config))
+    got = run_sd3(sd3, FewstepScheduler.from_config(base.config, solver="euler"))
+    assert rel(got, want) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def flux():
+    torch.manual_seed(0)
+    net = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=12, guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()
+    base = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                                     max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = diffusers.FluxPipeline(scheduler=base, vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=net)
+    pipe.set_progress_bar_config(disable=True)
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    return pipe, base, cond
+
+
+def run_flux(flux, scheduler, steps=5):
+    pipe, _, cond = flux
+    pipe.scheduler = scheduler
+    packed = pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                  num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(1),
+                  height=32, width=32).images
+    return pipe._unpack_latents(packed, 32, 32, pipe.vae_scale_factor)
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "heun", "unipc"])
+@pytest.mark.parametrize("grid", ["diffusers", "time_uniform"])
+def test_flux_pipeline_equals_fewstep_sample(flux, solver, grid):
+    """Flux passes sigmas= and mu= (dynamic shifting on the 8 x 8 = 64 packed tokens of a 32 x 32 image)."""
+    pipe, base, cond = flux
+    scheduler = FewstepScheduler.from_config(base.config, solver=solver, grid=grid)
+    got = run_flux(flux, scheduler)
+    den = from_diffusers(pipe.transformer, base.config, image_seq_len=64)
+    x_init = randn_tensor((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    want = sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    assert rel(got, want) < (1e-4 if solver == "heun" else 1e-5)
+
+
+def test_flux_parity_with_flow_match_euler(flux):
+    _, base, _ = flux
+    want = run_flux(flux, diffusers.FlowMatchEulerDiscreteScheduler.from_config(base.config))
+    got = run_flux(flux, FewstepScheduler.from_config(base.config, solver="euler"))
+    assert rel(got, want) < 1e-5
+
+
+def test_dynamic_shifting_needs_mu(flux):
+    _, base, _ = flux
+    with pytest.raises(ValueError, match="pass mu="):
+        FewstepScheduler.from_config(base.config).set_timesteps(5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_edm_scheduler_loop_parity(prediction):
+    """A pipeline's loop (scale_model_input, network, step) with EDM preconditioning, against EDMEulerScheduler."""
+    from tiny_pipelines import unet2d
+
+    torch.manual_seed(0)
+    net = unet2d(1).eval()
+    base = diffusers.EDMEulerScheduler(prediction_type=prediction)
+
+    def loop(scheduler, steps=6):
+        scheduler.set_timesteps(steps)
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * scheduler.init_noise_sigma
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                out = net(scheduler.scale_model_input(x, t), t).sample
+                x = scheduler.step(out, t, x).prev_sample
+        return x
+
+    assert rel(loop(FewstepScheduler.from_config(base.config, solver="euler")), loop(base)) < 1e-5

@@ -36,7 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from fewstep.grids import GRIDS, explicit, make_grid
-from fewstep.models.adapter import ModelDenoiser
+from fewstep.models.adapter import EDM_PREDICTIONS, ModelDenoiser
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
 from fewstep.solvers import Solver, Step, make_solver
 
@@ -117,14 +117,17 @@ class _RunState:
 
 
 def native_time_of(config: Mapping[str, Any], schedule: NoiseSchedule) -> tuple[Any, Any]:
-    """``(to_native, from_native)``: fewstep time ``t`` <-> the timestep diffusers feeds the network."""
-    if isinstance(schedule, DiscreteVP):
-        n = schedule.num_train_timesteps
-        return (lambda t: n * t - 1.0), (lambda v: (float(v) + 1.0) / n)
-    if isinstance(schedule, RectifiedFlow):
-        n = int(config.get("num_train_timesteps", 1000))
-        return (lambda t: t * n), (lambda v: float(v) / n)
-    raise ValueError(f"FewstepScheduler has no timestep convention for {schedule!r}")
+    """``(to_native, from_native)``: fewstep time ``t`` <-> the timestep diffusers feeds the network, as the base
+    scheduler's config defines it (:mod:`fewstep.models.scheduler_config`)."""
+    from fewstep.models.scheduler_config import native_time_from_config, time_from_native
+
+    return native_time_from_config(config, schedule), time_from_native(config, schedule)
+
+
+def _schedule(config: Mapping[str, Any], *, mu: float | None) -> tuple[NoiseSchedule, str]:
+    from fewstep.models.scheduler_config import schedule_from_config
+
+    return schedule_from_config(config, mu=mu)
 
 
 def _infer_base_class(config: Mapping[str, Any]) -> str:
@@ -176,8 +179,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, solver: str = "dpmpp_2m", grid: str = "diffusers", *, solver_options: dict | None = None,
                  grid_options: dict | None = None, base_config: Mapping[str, Any] | None = None,
                  base_scheduler: str | None = None, **knobs: Any) -> None:
-        from fewstep.models.diffusers import schedule_from_config
-
         base = {k: v for k, v in dict(base_config or {}).items() if not k.startswith("_") and k not in _OWN_KEYS}
         base_scheduler = base_scheduler or dict(base_config or {}).get("_class_name") or "DDPMScheduler"
         options = {**dict(solver_options or {}), **knobs}
@@ -185,7 +186,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if grid != "diffusers" and grid not in GRIDS:
             make_grid(grid, DiscreteVP.named("linear"), 2)  # the registry's error, with a suggestion
         self._base_class = base_scheduler
-        self._schedule, self._prediction = schedule_from_config({**base, "_class_name": base_scheduler})
+        self._base = {**base, "_class_name": base_scheduler}
+        # The schedule; with dynamic shifting it depends on the image size, so it is made per run from ``mu``.
+        self._schedule, self._prediction = _schedule(self._base, mu=0.0 if base.get("use_dynamic_shifting") else None)
+        self._native = native_time_of(self._base, self._schedule)
         self.register_to_config(**base, solver=solver, solver_options=options, grid=grid,
                                 grid_options=dict(grid_options or {}), base_scheduler=base_scheduler)
         self.timesteps: torch.Tensor | None = None
@@ -240,7 +244,19 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        return sample
+        """The identity, except for EDM-preconditioned models: ``c_in`` times the sample (as diffusers' EDM
+        schedulers do); ``step`` then applies ``c_skip`` / ``c_out``."""
+        if self._prediction not in EDM_PREDICTIONS:
+            return sample
+        if timestep is None:
+            raise ValueError("scale_model_input needs the timestep for an EDM-preconditioned model")
+        return sample * self._converter().input_scale(float(self._times_of(timestep)[0]))
+
+    def _converter(self, output: torch.Tensor | None = None) -> ModelDenoiser:
+        """A ModelDenoiser whose 'network' returns ``output``: the adapter's own conversion to ``x0_hat``."""
+        held = _Held()
+        held.output = output
+        return ModelDenoiser(held, self._schedule, prediction=self._prediction, native_time=self._native[0])
 
     def __len__(self) -> int:
         return int(self.config.get("num_train_timesteps", 1000))
@@ -252,13 +268,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                       mu: float | None = None) -> None:
         """Plan a run: the grid (``num_inference_steps`` on the configured grid, or the given ``timesteps`` /
         ``sigmas``), its solver steps and every network evaluation; resets all per-run state."""
-        if mu is not None and not self.config.get("use_dynamic_shifting", False):
+        dynamic = bool(self._base.get("use_dynamic_shifting", False))
+        if mu is not None and not dynamic:
             raise ValueError("mu was given but the base scheduler config has no use_dynamic_shifting")
-        if self.config.get("use_dynamic_shifting", False):
-            raise ValueError("use_dynamic_shifting (resolution-dependent flow shift) is not supported by "
-                             "FewstepScheduler yet")
+        if dynamic:
+            if mu is None:
+                raise ValueError("use_dynamic_shifting: the flow shift depends on the image size; pass mu= (the "
+                                 "pipelines do)")
+            self._schedule, self._prediction = _schedule(self._base, mu=mu)
+            self._native = native_time_of(self._base, self._schedule)
         schedule = self._schedule
-        to_native, from_native = native_time_of(self.config, schedule)
+        to_native, from_native = self._native
         if timesteps is not None and sigmas is not None:
             raise ValueError("pass timesteps= or sigmas=, not both")
         custom = timesteps is not None or sigmas is not None
@@ -279,14 +299,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timesteps= given, but this scheduler was built with grid={grid_name!r}; "
                              "use grid='diffusers' to sample on given timesteps")
         if custom:
-            times = self._custom_times(schedule, from_native, timesteps, sigmas)
+            times = self._custom_times(schedule, from_native, timesteps, sigmas, mu)
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps, timesteps= or sigmas=")
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int | np.integer):
                 raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
             if grid_name == "diffusers":
-                times = self._base_times(int(num_inference_steps), from_native)
+                times = self._base_times(schedule, int(num_inference_steps), mu=mu)
             else:
                 times = make_grid(grid_name, schedule, int(num_inference_steps),
                                   **self.config.get("grid_options", {})).tolist()
@@ -303,25 +323,30 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._run = None
         self._begin_index = None
 
-    def _base_times(self, steps: int, from_native: Any) -> list[float]:
-        """The base scheduler's own grid for ``steps``, as fewstep times (ending at 0 when it denoises to zero)."""
-        import diffusers
+    def _base_times(self, schedule: NoiseSchedule, steps: int | None, **kwargs: Any) -> list[float]:
+        """The base scheduler's own grid (its ``set_timesteps(steps, **kwargs)``) as fewstep times."""
+        from fewstep.models.scheduler_config import diffusers_grid
 
-        cls = getattr(diffusers, self._base_class, None)
-        if cls is None:
-            raise ValueError(f"unknown base scheduler {self._base_class!r}")
-        base = cls.from_config({k: v for k, v in self.config.items() if k not in _OWN_KEYS})
-        base.set_timesteps(steps)
-        ts = [from_native(float(v)) for v in base.timesteps.tolist()]
-        deduped = [t for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]  # Heun-style schedulers repeat times
-        return [*deduped, 0.0]
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        return diffusers_grid(self._base, schedule, steps, **kwargs).tolist()
 
     def _custom_times(self, schedule: NoiseSchedule, from_native: Any, timesteps: Sequence[float] | None,
-                      sigmas: Sequence[float] | None) -> list[float]:
+                      sigmas: Sequence[float] | None, mu: float | None) -> list[float]:
+        """Given ``timesteps=`` / ``sigmas=``: what the base scheduler makes of them where it takes them (flow
+        schedulers shift given sigmas, for instance); else native timesteps (or k-diffusion sigmas of a VP model)
+        converted directly, the last step denoising to zero."""
+        import inspect
+
+        import diffusers
+
+        takes = inspect.signature(getattr(diffusers, self._base_class).set_timesteps).parameters
+        given = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas}
+        if next(iter(given)) in takes:
+            return self._base_times(schedule, None, mu=mu, **{k: list(map(float, v)) for k, v in given.items()})
         if timesteps is not None:
             times = [from_native(float(v)) for v in timesteps]
         elif isinstance(schedule, RectifiedFlow):
-            times = [float(s) for s in sigmas]  # flow sigmas are the schedule's own time
+            times = [schedule.time_of_sigma(float(s)) if float(s) > 0 else 0.0 for s in sigmas]
         else:  # k-diffusion sigmas sigma / alpha of a VP model: t from the log-SNR
             times = [schedule.inverse_lam(-math.log(float(s))) if float(s) > 0 else 0.0 for s in sigmas]
         if times and times[-1] != 0.0:
@@ -384,12 +409,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                                      rel_tol=1e-5, abs_tol=1e-4):
             raise ValueError(f"step got timestep {float(torch.as_tensor(timestep).flatten()[0])}, expected "
                              f"{float(expected)} (evaluation {run.eval_index}); steps must follow scheduler.timesteps")
-        held = _Held()
-        held.output = model_output
-        to_native, _ = native_time_of(self.config, plan.schedule)
-        den = ModelDenoiser(held, plan.schedule, prediction=self._prediction, native_time=to_native)
         t_eval = plan.eval_times[run.eval_index]
-        run.outputs.append(den(sample, t_eval))
+        # The pipeline's model saw scale_model_input(sample); the adapter converts its output at the raw sample.
+        run.outputs.append(self._converter(model_output)(sample, t_eval))
         run.eval_index += 1
         out = self._advance(run, plan, generator)
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
@@ -419,9 +441,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ noising (img2img, inpainting)
 
     def _times_of(self, timesteps: Any) -> torch.Tensor:
-        _, from_native = native_time_of(self.config, self._schedule)
+        """Fewstep times of diffusers timesteps: the planned time of a timestep of this run (exact, float64),
+        else the native-time inverse (clamped onto the schedule: a float32 timestep can round past its end)."""
+        from_native, schedule = self._native[1], self._schedule
         values = torch.as_tensor(timesteps).flatten().tolist()
-        return torch.tensor([from_native(v) for v in values], dtype=torch.float64)
+        planned = {} if self.timesteps is None else {
+            float(v): t for v, t in zip(self.timesteps.tolist(), self._plan.eval_times, strict=True)}
+        return torch.tensor([planned[float(v)] if float(v) in planned
+                             else min(max(from_native(v), 0.0), schedule.t_max) for v in values], dtype=torch.float64)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
         """``alpha(t) x0 + sigma(t) noise`` at the times of the given timesteps (one per sample, or one for all)."""
