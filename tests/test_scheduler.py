@@ -331,3 +331,94 @@ def test_edm_scheduler_loop_parity(prediction):
         return x
 
     assert rel(loop(FewstepScheduler.from_config(base.config, solver="euler")), loop(base)) < 1e-5
+
+
+# ---------------------------------------------------------------- SDXL (added_cond_kwargs) and DiT (class labels)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 12).eval()
+    # SDXL's own scheduler config: Euler, leading spacing, steps_offset 1
+    base = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=base)
+    pipe.set_progress_bar_config(disable=True)
+    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])  # original size, crop, target size
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 12),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 12), "time_ids": time_ids}}
+    uncond = {"encoder_hidden_states": torch.randn(1, 5, 12),
+              "added_cond_kwargs": {"text_embeds": torch.randn(1, 12), "time_ids": time_ids}}
+    return pipe, base, cond, uncond
+
+
+def run_sdxl(sdxl, scheduler, steps=5):
+    pipe, _, cond, uncond = sdxl
+    pipe.scheduler = scheduler
+    return pipe(prompt_embeds=cond["encoder_hidden_states"],
+                pooled_prompt_embeds=cond["added_cond_kwargs"]["text_embeds"],
+                negative_prompt_embeds=uncond["encoder_hidden_states"],
+                negative_pooled_prompt_embeds=uncond["added_cond_kwargs"]["text_embeds"], num_inference_steps=steps,
+                guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(1),
+                height=16, width=16).images
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "heun"])
+def test_sdxl_pipeline_equals_fewstep_sample(sdxl, solver):
+    pipe, base, cond, uncond = sdxl
+    scheduler = FewstepScheduler.from_config(base.config, solver=solver)
+    got = run_sdxl(sdxl, scheduler)
+    den = ClassifierFreeGuidance(from_diffusers(pipe.unet, base.config), GUIDANCE, uncond=uncond)
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    want = sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    assert rel(got, want) < (1e-4 if solver == "heun" else 1e-5)
+
+
+def test_sdxl_parity_with_euler_discrete(sdxl):
+    _, base, _, _ = sdxl
+    want = run_sdxl(sdxl, diffusers.EulerDiscreteScheduler.from_config(base.config))
+    got = run_sdxl(sdxl, FewstepScheduler.from_config(base.config, solver="euler"))
+    assert rel(got, want) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def dit():
+    torch.manual_seed(0)
+    net = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                          num_layers=1, sample_size=8, patch_size=2, norm_num_groups=2,
+                                          num_embeds_ada_norm=1000).eval()  # learned sigma, DiTPipeline's null 1000
+    pipe = diffusers.DiTPipeline(transformer=net, vae=tiny_vae(), scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_dit(pipe, scheduler, steps=5):
+    pipe.scheduler = scheduler
+    images = pipe(class_labels=[3, 7], num_inference_steps=steps, guidance_scale=2.0, output_type="np",
+                  generator=torch.Generator().manual_seed(1)).images
+    return torch.as_tensor(images)
+
+
+def test_dit_pipeline_parity_with_ddim(dit):
+    base = diffusers.DDIMScheduler(clip_sample=False)
+    want = run_dit(dit, diffusers.DDIMScheduler.from_config(base.config))
+    got = run_dit(dit, FewstepScheduler.from_config(base.config, solver="ddim"))
+    assert rel(got, want) < 1e-5
+    for solver in ("unipc", "heun", "dpmpp_2m_sde"):
+        assert torch.isfinite(run_dit(dit, FewstepScheduler.from_config(base.config, solver=solver))).all()
+
+
+def test_clip_sample_clips_x0_and_thresholding_is_refused():
+    cfg = diffusers.DDIMScheduler(clip_sample=True, clip_sample_range=0.5).config
+    s = FewstepScheduler.from_config(cfg, solver="ddim", grid="karras")
+    s.set_timesteps(1)
+    x = torch.randn(2, 4) * 5
+    out = s.step(torch.zeros_like(x), s.timesteps[0], x).prev_sample  # eps = 0: x0_hat = x / alpha, then clipped
+    assert float(out.abs().max()) <= 0.5
+    with pytest.raises(ValueError, match="thresholding=True"):
+        FewstepScheduler.from_config(diffusers.DDIMScheduler(thresholding=True).config)

@@ -190,6 +190,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # The schedule; with dynamic shifting it depends on the image size, so it is made per run from ``mu``.
         self._schedule, self._prediction = _schedule(self._base, mu=0.0 if base.get("use_dynamic_shifting") else None)
         self._native = native_time_of(self._base, self._schedule)
+        if base.get("thresholding"):
+            raise ValueError("thresholding=True (dynamic thresholding of x0) in the base scheduler config is not "
+                             "supported by FewstepScheduler; set it to False")
+        # DDIM/DDPM-style clip_sample clips x0_hat: a change of the denoiser that every solver then sees
+        self._clip = float(base.get("clip_sample_range", 1.0)) if base.get("clip_sample") else None
         self.register_to_config(**base, solver=solver, solver_options=options, grid=grid,
                                 grid_options=dict(grid_options or {}), base_scheduler=base_scheduler)
         self.timesteps: torch.Tensor | None = None
@@ -411,7 +416,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              f"{float(expected)} (evaluation {run.eval_index}); steps must follow scheduler.timesteps")
         t_eval = plan.eval_times[run.eval_index]
         # The pipeline's model saw scale_model_input(sample); the adapter converts its output at the raw sample.
-        run.outputs.append(self._converter(model_output)(sample, t_eval))
+        x0_hat = self._converter(model_output)(sample, t_eval)
+        run.outputs.append(x0_hat if self._clip is None else x0_hat.clamp(-self._clip, self._clip))
         run.eval_index += 1
         out = self._advance(run, plan, generator)
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
