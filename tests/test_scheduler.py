@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
+import tiny_pipelines as tiny  # noqa: E402
 from fewstep import ClassifierFreeGuidance, NFECounter, from_diffusers, make_solver, sample  # noqa: E402
 from fewstep.scheduler import FewstepScheduler  # noqa: E402
 
@@ -24,14 +25,7 @@ GUIDANCE = 3.0
 @pytest.fixture(scope="module")
 def parts():
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2).eval()
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=16).eval()
+    unet, vae = tiny.sd_unet(), tiny.vae()
     calls = []
     unet.register_forward_hook(lambda *_: calls.append(1))
     emb, neg = torch.randn(1, 5, 12), torch.randn(1, 5, 12)
@@ -41,7 +35,7 @@ def parts():
 def make_pipe(parts, cls_name="StableDiffusionPipeline"):
     unet, vae, *_ = parts
     cls = getattr(diffusers, cls_name)
-    pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(**SD),
+    pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(**SD, clip_sample=False),
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -70,7 +64,7 @@ def test_pipeline_equals_fewstep_sample(parts, spec, grid, prediction):
     unet, _, _, emb, neg = parts
     name, *knobs = spec.split(":")
     options = {k: float(v) for k, v in (kv.split("=") for kv in knobs)}
-    base = diffusers.DDIMScheduler(**SD, prediction_type=prediction)
+    base = diffusers.DDIMScheduler(**SD, clip_sample=False, prediction_type=prediction)
     scheduler = FewstepScheduler.from_config(base.config, solver=name, grid=grid, **options)
     steps = 5
     got, calls = run(make_pipe(parts), parts, scheduler, steps, height=16, width=16)
@@ -121,7 +115,7 @@ def test_img2img_matches_ddim(parts):
 def test_img2img_with_a_two_evaluation_solver(parts):
     pipe = make_pipe(parts, "StableDiffusionImg2ImgPipeline")
     image = torch.rand(1, 3, 16, 16) * 2 - 1
-    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="heun",
+    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD, clip_sample=False).config, solver="heun",
                                              grid="time_quadratic")
     out, calls = run(pipe, parts, scheduler, 10, image=image, strength=0.5)
     assert calls == 2 * 5 - 1 and torch.isfinite(out).all()  # 5 steps, the last one to zero costs one evaluation
@@ -129,7 +123,7 @@ def test_img2img_with_a_two_evaluation_solver(parts):
 
 def test_custom_timesteps_are_the_grid(parts):
     unet, _, _, emb, neg = parts
-    base = diffusers.DDIMScheduler(**SD)
+    base = diffusers.DDIMScheduler(**SD, clip_sample=False)
     scheduler = FewstepScheduler.from_config(base.config, solver="dpmpp_2m")
     got, calls = run(make_pipe(parts), parts, scheduler, None, timesteps=[999, 749, 499, 249], height=16, width=16)
     assert calls == 4 and scheduler._plan.times == [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -141,7 +135,7 @@ def test_custom_timesteps_are_the_grid(parts):
 
 def test_stochastic_solver_takes_the_pipeline_generator(parts):
     pipe = make_pipe(parts)
-    cfg = diffusers.DDIMScheduler(**SD).config
+    cfg = diffusers.DDIMScheduler(**SD, clip_sample=False).config
     a, _ = run(pipe, parts, FewstepScheduler.from_config(cfg, solver="dpmpp_2m_sde"), 6, seed=3, height=16, width=16)
     b, _ = run(pipe, parts, FewstepScheduler.from_config(cfg, solver="dpmpp_2m_sde"), 6, seed=3, height=16, width=16)
     c, _ = run(pipe, parts, FewstepScheduler.from_config(cfg, solver="dpmpp_2m_sde"), 6, seed=4, height=16, width=16)
@@ -150,7 +144,7 @@ def test_stochastic_solver_takes_the_pipeline_generator(parts):
 
 def test_runs_are_independent_and_reset_by_set_timesteps(parts):
     pipe = make_pipe(parts)
-    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="unipc")
+    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD, clip_sample=False).config, solver="unipc")
     a, _ = run(pipe, parts, scheduler, 6, height=16, width=16)
     b, _ = run(pipe, parts, scheduler, 6, height=16, width=16)
     other = FewstepScheduler.from_config(scheduler.config)
@@ -162,7 +156,7 @@ def test_runs_are_independent_and_reset_by_set_timesteps(parts):
 
 
 def test_save_and_load_keep_the_choice(tmp_path):
-    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="sa_solver", tau=0,
+    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD, clip_sample=False).config, solver="sa_solver", tau=0,
                                              grid="karras")
     scheduler.save_pretrained(tmp_path)
     again = FewstepScheduler.from_pretrained(tmp_path)
@@ -180,7 +174,7 @@ def test_base_class_is_recognised_from_a_bare_config():
 
 
 def test_errors():
-    cfg = diffusers.DDIMScheduler(**SD).config
+    cfg = diffusers.DDIMScheduler(**SD, clip_sample=False).config
     with pytest.raises(ValueError, match="did you mean 'dpmpp_2m'"):
         FewstepScheduler.from_config(cfg, solver="dpmpp2m")
     with pytest.raises(TypeError, match="etta"):
@@ -209,23 +203,13 @@ def test_errors():
 # ---------------------------------------------------------------- flow pipelines: SD3 (static shift), Flux (dynamic)
 
 
-def tiny_vae():
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=16).eval()
-
-
 @pytest.fixture(scope="module")
 def sd3():
     torch.manual_seed(0)
-    net = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
-        pos_embed_max_size=16).eval()
+    net = tiny.sd3_transformer()
     base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=net, scheduler=base, vae=tiny_vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+        transformer=net, scheduler=base, vae=tiny.vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
         tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
@@ -265,12 +249,10 @@ def test_sd3_parity_with_flow_match_euler(sd3):
 @pytest.fixture(scope="module")
 def flux():
     torch.manual_seed(0)
-    net = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, pooled_projection_dim=12, guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()
+    net = tiny.flux_transformer()
     base = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
                                                      max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    pipe = diffusers.FluxPipeline(scheduler=base, vae=tiny_vae(), text_encoder=None, tokenizer=None,
+    pipe = diffusers.FluxPipeline(scheduler=base, vae=tiny.vae(), text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=net)
     pipe.set_progress_bar_config(disable=True)
     cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
@@ -339,14 +321,10 @@ def test_edm_scheduler_loop_parity(prediction):
 @pytest.fixture(scope="module")
 def sdxl():
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 12).eval()
+    unet = tiny.sdxl_unet()
     # SDXL's own scheduler config: Euler, leading spacing, steps_offset 1
     base = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="leading", steps_offset=1)
-    pipe = diffusers.StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
+    pipe = diffusers.StableDiffusionXLPipeline(vae=tiny.vae(), text_encoder=None, text_encoder_2=None, tokenizer=None,
                                                tokenizer_2=None, unet=unet, scheduler=base)
     pipe.set_progress_bar_config(disable=True)
     time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])  # original size, crop, target size
@@ -389,10 +367,8 @@ def test_sdxl_parity_with_euler_discrete(sdxl):
 @pytest.fixture(scope="module")
 def dit():
     torch.manual_seed(0)
-    net = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
-                                          num_layers=1, sample_size=8, patch_size=2, norm_num_groups=2,
-                                          num_embeds_ada_norm=1000).eval()  # learned sigma, DiTPipeline's null 1000
-    pipe = diffusers.DiTPipeline(transformer=net, vae=tiny_vae(), scheduler=diffusers.DDIMScheduler())
+    net = tiny.dit_transformer()
+    pipe = diffusers.DiTPipeline(transformer=net, vae=tiny.vae(), scheduler=diffusers.DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

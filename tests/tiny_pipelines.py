@@ -54,3 +54,49 @@ def unet2d(channels: int = 1) -> diffusers.UNet2DModel:
     return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                                  layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
                                  up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+
+
+def vae() -> diffusers.AutoencoderKL:
+    """A two-level AutoencoderKL: 16x16 RGB images <-> 8x8x4 latents."""
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=16).eval()
+
+
+def sd_unet() -> diffusers.UNet2DConditionModel:
+    """An SD 1.x/2.x-style UNet2DConditionModel (cross-attention dim 12) on 8x8x4 latents."""
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2).eval()
+
+
+def sdxl_unet() -> diffusers.UNet2DConditionModel:
+    """An SDXL-style UNet2DConditionModel: text_time additions (pooled text embeds of 12 + six time ids)."""
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 12).eval()
+
+
+def sd3_transformer() -> diffusers.SD3Transformer2DModel:
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=16).eval()
+
+
+def flux_transformer() -> diffusers.FluxTransformer2DModel:
+    """Flux with 2x2-packed 4-channel latents (16 packed channels), one double- and one single-stream block."""
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=12, guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def dit_transformer() -> diffusers.DiTTransformer2DModel:
+    """A class-conditional DiT with learned sigma (8 output channels for 4) and DiTPipeline's 1000 classes."""
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, norm_num_groups=2, num_embeds_ada_norm=1000).eval()
