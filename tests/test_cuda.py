@@ -1,0 +1,50 @@
+"""The same runs on a CUDA device: the loop, solver families, guidance, the scheduler drop-in. Skipped without a GPU
+(CI has none); run on a GPU machine with ``python -m pytest -q tests/test_cuda.py``."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SOLVERS = ["ddim", "euler", "heun", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "deis",
+           "ipndm", "sa_solver", "ghvb", "evodiff", "bdia"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_zoo_model_on_cuda_matches_cpu(solver):
+    from fewstep import sample, zoo
+
+    den = zoo.load("unet_m")
+    cpu = sample(den, solver, 8, shape=(1, 8, 8), seeds="0-7", dtype=torch.float64)
+    den.model.to("cuda", torch.float64)
+    den.dtype = torch.float64
+    try:
+        gpu = sample(den, solver, 8, shape=(1, 8, 8), seeds="0-7", dtype=torch.float64, device="cuda")
+    finally:
+        den.model.to("cpu", torch.float32)
+        den.dtype = torch.float32
+    assert gpu.device.type == "cuda"
+    assert float((gpu.cpu() - cpu).abs().max()) < 1e-6  # same per-seed noise (drawn on the CPU), float64 kernels
+
+
+def test_scheduler_in_a_pipeline_on_cuda():
+    import diffusers
+
+    import tiny_pipelines as tiny
+    from fewstep.scheduler import FewstepScheduler
+
+    torch.manual_seed(0)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny.vae(), text_encoder=None, tokenizer=None, unet=tiny.sd_unet(),
+        scheduler=diffusers.DPMSolverMultistepScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False).to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    emb = torch.randn(1, 5, 12, device="cuda", dtype=torch.float16)
+    outs = []
+    for scheduler in (diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config),
+                      FewstepScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")):
+        pipe.scheduler = scheduler
+        outs.append(pipe(prompt_embeds=emb, negative_prompt_embeds=-emb, num_inference_steps=8, output_type="latent",
+                         generator=torch.Generator("cuda").manual_seed(1), height=16, width=16).images.float())
+    assert outs[1].device.type == "cuda" and torch.isfinite(outs[1]).all()
+    assert float((outs[0] - outs[1]).abs().max() / outs[0].abs().max()) < 1e-2  # float16
