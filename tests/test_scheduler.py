@@ -35,8 +35,9 @@ def parts():
 def make_pipe(parts, cls_name="StableDiffusionPipeline"):
     unet, vae, *_ = parts
     cls = getattr(diffusers, cls_name)
-    pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(**SD, clip_sample=False),
-               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+               scheduler=diffusers.DDIMScheduler(**SD, clip_sample=False), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -156,8 +157,8 @@ def test_runs_are_independent_and_reset_by_set_timesteps(parts):
 
 
 def test_save_and_load_keep_the_choice(tmp_path):
-    scheduler = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD, clip_sample=False).config, solver="sa_solver", tau=0,
-                                             grid="karras")
+    config = diffusers.DDIMScheduler(**SD, clip_sample=False).config
+    scheduler = FewstepScheduler.from_config(config, solver="sa_solver", tau=0, grid="karras")
     scheduler.save_pretrained(tmp_path)
     again = FewstepScheduler.from_pretrained(tmp_path)
     assert again.config["solver"] == "sa_solver" and again.config["solver_options"] == {"tau": 0}
