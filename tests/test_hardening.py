@@ -176,3 +176,17 @@ def test_every_shipped_model_lists_its_digests():
 
     for name in zoo.list_models():
         zoo.verify_digests(zoo.WEIGHTS / name)
+
+
+def test_latent_model_says_it_writes_undecoded_latents(tmp_path, capsys):
+    import diffusers
+
+    from tiny_pipelines import unet2d
+
+    unet2d(4).save_pretrained(tmp_path / "lat" / "unet")
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "lat" / "scheduler")
+    args = ["sample", "--model", str(tmp_path / "lat"), "--steps", "2", "--seeds", "0-1", "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "x.png")]) == 2
+    assert "a PNG grid needs 1 or 3 channels" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "x.npz")]) == 0
+    assert "2 undecoded latents" in capsys.readouterr().out

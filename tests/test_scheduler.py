@@ -399,3 +399,18 @@ def test_clip_sample_clips_x0_and_thresholding_is_refused():
     assert float(out.abs().max()) <= 0.5
     with pytest.raises(ValueError, match="thresholding=True"):
         FewstepScheduler.from_config(diffusers.DDIMScheduler(thresholding=True).config)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_inpainting_matches_ddim(parts, strength):
+    """StableDiffusionInpaintPipeline on a 4-channel UNet re-noises the kept region with add_noise at the next
+    timestep after every step."""
+    pipe = make_pipe(parts, "StableDiffusionInpaintPipeline")
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    base = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    kw = dict(image=image, mask_image=mask, strength=strength, height=16, width=16)
+    want, want_calls = run(pipe, parts, diffusers.DDIMScheduler.from_config(base.config), 8, **kw)
+    got, calls = run(pipe, parts, FewstepScheduler.from_config(base.config, solver="ddim"), 8, **kw)
+    assert calls == want_calls and rel(got, want) < 1e-5

@@ -214,7 +214,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         image = Image.fromarray(mosaic(x))
         atomic_write(out, lambda f: image.save(f, format="PNG"))
-    print(f"{len(args.seeds)} samples, {counter.nfe} NFE{note} -> {out}")
+    what = "samples" if shape[0] in (1, 3) else "undecoded latents (no VAE decode; `fewstep generate` decodes)"
+    print(f"{len(args.seeds)} {what}, {counter.nfe} NFE{note} -> {out}")
     return 0
 
 
