@@ -43,14 +43,15 @@ def native_time_default(schedule: NoiseSchedule) -> Callable[[float], float]:
     * anything else: ``t`` itself.
     """
     if isinstance(schedule, DiscreteVP):
-
-        def index(t: float) -> float:
-            n = schedule.index(t)
-            r = round(n)
-            return float(r) if abs(n - r) < 1e-6 else n
-
-        return index
+        return lambda t: snap_integer(schedule.index(t))
     return lambda t: t
+
+
+def snap_integer(value: float) -> float:
+    """``value`` rounded to the nearest integer when within 1e-6 of it (so grids on training steps feed the network
+    exact integer timesteps, as diffusers does), else unchanged."""
+    r = round(value)
+    return float(r) if abs(value - r) < 1e-6 else value
 
 
 class ModelDenoiser(Denoiser):

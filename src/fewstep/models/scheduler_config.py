@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fewstep.grids import _check_steps, validate_grid
-from fewstep.models.adapter import edm_noise_time, native_time_default
+from fewstep.models.adapter import edm_noise_time, native_time_default, snap_integer
 from fewstep.schedules import BETA_SCHEDULES, EDM, DiscreteVP, NoiseSchedule, RectifiedFlow
 
 __all__ = [
@@ -344,13 +344,7 @@ def native_time_from_config(config: Any, schedule: NoiseSchedule) -> Callable[[f
     if family == "edm" or (eff["timestep_type"] == "continuous" and eff["prediction_type"] == "v_prediction"):
         return edm_noise_time(schedule)
     if isinstance(schedule, DiscreteVP):
-
-        def index(t: float) -> float:
-            v = schedule.sigma_index(t)
-            r = round(v)
-            return float(r) if abs(v - r) < 1e-6 else v
-
-        return index
+        return lambda t: snap_integer(schedule.sigma_index(t))
     return native_time_default(schedule)  # pragma: no cover - every family is handled above
 
 
