@@ -414,3 +414,14 @@ def test_inpainting_matches_ddim(parts, strength):
     want, want_calls = run(pipe, parts, diffusers.DDIMScheduler.from_config(base.config), 8, **kw)
     got, calls = run(pipe, parts, FewstepScheduler.from_config(base.config, solver="ddim"), 8, **kw)
     assert calls == want_calls and rel(got, want) < 1e-5
+
+
+def test_from_diffusers_dynamic_shift_defaults_to_the_model_size_and_holds_to_it(flux):
+    pipe, base, cond = flux
+    den = from_diffusers(pipe.transformer, base.config)  # Flux's default latent: 128 x 128 -> 4096 tokens
+    assert den.shift_size == (128, 128) and den.sample_shape == (4, 128, 128)
+    assert den.schedule.shift == pytest.approx(float(torch.tensor(1.15).exp()))  # max_shift at max_image_seq_len
+    with pytest.raises(ValueError, match="flow shift is for 128x128 latents"):
+        den(torch.zeros(1, 4, 16, 16), 0.5, cond)
+    sized = from_diffusers(pipe.transformer, base.config, image_seq_len=64)
+    assert sized.shift_size is None and sized(torch.zeros(1, 4, 16, 16), 0.5, cond).shape == (1, 4, 16, 16)

@@ -166,8 +166,15 @@ class ModelDenoiser(Denoiser):
         sbar = sigma / alpha
         return 1.0 / (alpha * math.sqrt(sbar * sbar + self.sigma_data * self.sigma_data))
 
+    shift_size: tuple[int, int] | None = None
+    """The latent size a dynamically shifted flow schedule was made for (``from_diffusers``); others are refused."""
+
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)  # validates t (NaN, range) before the network
+        if self.shift_size is not None and tuple(x.shape[-2:]) != self.shift_size:
+            raise ValueError(f"this denoiser's flow shift is for {self.shift_size[0]}x{self.shift_size[1]} latents "
+                             f"(use_dynamic_shifting); for {x.shape[-2]}x{x.shape[-1]} build it with "
+                             "from_diffusers(..., image_seq_len=...)")
         edm = self.prediction in EDM_PREDICTIONS
         if edm:
             sbar, sd = sigma / alpha, self.sigma_data

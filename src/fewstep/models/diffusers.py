@@ -152,7 +152,8 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
         image_seq_len, mu: for a scheduler config with ``use_dynamic_shifting`` (Flux, SD3.5), whose flow shift
             depends on the image size: the latent's token count (Flux: ``(H / 2) * (W / 2)`` of the latent) or the
             pipeline's ``mu`` directly; the denoiser is then for that size (see
-            :func:`fewstep.models.scheduler_config.schedule_from_config`).
+            :func:`fewstep.models.scheduler_config.schedule_from_config`). Without either, the shift is the one of
+            the model's default size (``den.sample_shape``) and the denoiser refuses latents of another size.
 
     Conditioning passes through ``cond`` with the keywords of the model's ``forward`` (e.g.
     ``{"encoder_hidden_states": emb}``, ``{"class_labels": y}``, SDXL's ``added_cond_kwargs``, SD3's and Flux's
@@ -215,8 +216,14 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
         config.setdefault("_class_name", type(scheduler_or_config).__name__)
     else:
         raise TypeError(f"cannot read a scheduler config from {type(scheduler_or_config).__name__}")
+    shift_size = None
+    if config.get("use_dynamic_shifting") and image_seq_len is None and mu is None:
+        # The flow shift depends on the image size: take the model's default size and hold the denoiser to it.
+        _, height, width = family.sample_shape(model)
+        shift_size, image_seq_len = (height, width), family.image_seq_len(model, height, width)
     schedule, prediction = schedule_from_config(config, image_seq_len, mu=mu)
     native = family.native_time(model, schedule, native_time_from_config(config, schedule))
     den = ModelDenoiser(model, schedule, prediction=prediction, native_time=native, family=family)
+    den.shift_size = shift_size
     den.scheduler_config = config  # kept so diffusers' schedulers can be run as peers on the same model
     return den

@@ -157,6 +157,12 @@ class ModelFamily:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return channels, int(height), int(width)
 
+    def image_seq_len(self, model: Any, height: int, width: int) -> int:
+        """Image tokens of a ``height x width`` latent, as pipelines count them for dynamic flow shifting
+        (Flux: its 2x2 packed tokens; SD3 and other patch transformers: ``patch_size`` patches)."""
+        p = self.packing if self.packing > 1 else int(setting(model, "patch_size") or 1)
+        return (int(height) // p) * (int(width) // p)
+
     def native_time(self, model: Any, schedule: NoiseSchedule,
                     scheduler_time: Callable[[float], float]) -> Callable[[float], float]:
         """What the network takes at continuous time ``t``, given the timestep its scheduler feeds
