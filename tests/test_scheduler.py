@@ -425,3 +425,23 @@ def test_from_diffusers_dynamic_shift_defaults_to_the_model_size_and_holds_to_it
         den(torch.zeros(1, 4, 16, 16), 0.5, cond)
     sized = from_diffusers(pipe.transformer, base.config, image_seq_len=64)
     assert sized.shift_size is None and sized(torch.zeros(1, 4, 16, 16), 0.5, cond).shape == (1, 4, 16, 16)
+
+
+def test_published_sigmas_are_the_grid(parts):
+    """AYS-style k-diffusion sigmas passed to the pipeline (sigma / alpha of a VP model) become the grid."""
+    unet, _, _, emb, neg = parts
+    ays = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]  # SD 1.5, 10 steps
+    base = diffusers.EulerDiscreteScheduler(**SD)
+    scheduler = FewstepScheduler.from_config(base.config, solver="dpmpp_2m")
+    got, calls = run(make_pipe(parts), parts, scheduler, None, sigmas=ays, height=16, width=16)
+    times = scheduler._plan.times
+    sched = scheduler._schedule
+    # as in diffusers' Euler, the last sigma is where sampling ends (not 0): 10 steps, 10 network calls. The list is
+    # rounded past the table at both ends (14.615 > 14.6146, 0.029 < 0.02916): those two sit on the table's ends
+    smax = sched.sigma(sched.t_max) / sched.alpha(sched.t_max)
+    assert calls == len(ays) - 1 and len(times) == len(ays) and times[-1] == sched.t_min
+    assert [sched.sigma(t) / sched.alpha(t) for t in times[:-1]] == pytest.approx([smax, *ays[1:-1]], rel=1e-6)
+    den = ClassifierFreeGuidance(from_diffusers(unet, base.config), GUIDANCE, uncond={"encoder_hidden_states": neg})
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
+    want = sample(den, "dpmpp_2m", times, x_init=x_init, cond={"encoder_hidden_states": emb})
+    assert rel(got, want) < 1e-5

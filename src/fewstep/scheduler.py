@@ -124,6 +124,19 @@ def native_time_of(config: Mapping[str, Any], schedule: NoiseSchedule) -> tuple[
     return native_time_from_config(config, schedule), time_from_native(config, schedule)
 
 
+def _onto_table(schedule: DiscreteVP, sigmas: list[float]) -> list[float]:
+    """Published sigma lists are rounded (SD 1.5's AYS ends at 0.029; its table's smallest sigma is 0.02916): a sigma
+    within 1 % outside the table's range is put on its end, one further out is refused."""
+    lo = schedule.sigma(schedule.t_min) / schedule.alpha(schedule.t_min)
+    hi = schedule.sigma(schedule.t_max) / schedule.alpha(schedule.t_max)
+    out = []
+    for s in sigmas:
+        if s > 0 and (s < lo * 0.99 or s > hi * 1.01):
+            raise ValueError(f"sigma {s} is outside this model's range [{lo:.5g}, {hi:.5g}]")
+        out.append(min(max(s, lo), hi) if s > 0 else s)
+    return out
+
+
 def _schedule(config: Mapping[str, Any], *, mu: float | None) -> tuple[NoiseSchedule, str]:
     from fewstep.models.scheduler_config import schedule_from_config
 
@@ -345,6 +358,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         import diffusers
 
         takes = inspect.signature(getattr(diffusers, self._base_class).set_timesteps).parameters
+        if sigmas is not None and isinstance(schedule, DiscreteVP):
+            sigmas = _onto_table(schedule, [float(v) for v in sigmas])
         given = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas}
         if next(iter(given)) in takes:
             return self._base_times(schedule, None, mu=mu, **{k: list(map(float, v)) for k, v in given.items()})
