@@ -190,3 +190,17 @@ def test_latent_model_says_it_writes_undecoded_latents(tmp_path, capsys):
     assert "a PNG grid needs 1 or 3 channels" in capsys.readouterr().err
     assert main([*args, str(tmp_path / "x.npz")]) == 0
     assert "2 undecoded latents" in capsys.readouterr().out
+
+
+def test_class_conditional_unet_takes_labels(tmp_path, capsys):
+    import diffusers
+
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4, num_class_embeds=10)
+    unet.save_pretrained(tmp_path / "cc" / "unet")
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "cc" / "scheduler")
+    args = ["sample", "--model", str(tmp_path / "cc"), "--steps", "2", "--seeds", "0-1", "--quiet"]
+    assert main([*args, "--label", "3", "--out", str(tmp_path / "x.npz")]) == 0
+    assert main([*args, "--label", "10", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "classes 0-9" in capsys.readouterr().err

@@ -427,11 +427,13 @@ def test_from_diffusers_dynamic_shift_defaults_to_the_model_size_and_holds_to_it
     assert sized.shift_size is None and sized(torch.zeros(1, 4, 16, 16), 0.5, cond).shape == (1, 4, 16, 16)
 
 
-def test_published_sigmas_are_the_grid(parts):
-    """AYS-style k-diffusion sigmas passed to the pipeline (sigma / alpha of a VP model) become the grid."""
+@pytest.mark.parametrize("base_class", ["EulerDiscreteScheduler", "DDIMScheduler"])
+def test_published_sigmas_are_the_grid(parts, base_class):
+    """AYS-style k-diffusion sigmas passed to the pipeline (sigma / alpha of a VP model) become the grid, whether
+    the base scheduler takes sigmas itself (Euler) or not (DDIM)."""
     unet, _, _, emb, neg = parts
     ays = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]  # SD 1.5, 10 steps
-    base = diffusers.EulerDiscreteScheduler(**SD)
+    base = getattr(diffusers, base_class)(**SD, **({"clip_sample": False} if base_class == "DDIMScheduler" else {}))
     scheduler = FewstepScheduler.from_config(base.config, solver="dpmpp_2m")
     got, calls = run(make_pipe(parts), parts, scheduler, None, sigmas=ays, height=16, width=16)
     times = scheduler._plan.times
@@ -445,3 +447,57 @@ def test_published_sigmas_are_the_grid(parts):
     x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
     want = sample(den, "dpmpp_2m", times, x_init=x_init, cond={"encoder_hidden_states": emb})
     assert rel(got, want) < 1e-5
+
+
+# ---------------------------------------------------------------- review findings, each failing before its fix
+
+
+def test_latents_changed_by_the_pipeline_between_steps_are_taken(parts):
+    """A step-end callback that rescales the latents (as inpainting re-noises the kept region): the next solver
+    step starts from the changed latents, as diffusers' schedulers do."""
+    pipe = make_pipe(parts)
+    base = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+
+    def halve_at_1(pipe_, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if i == 1 else {}
+
+    kw = dict(height=16, width=16, callback_on_step_end=halve_at_1)
+    want, _ = run(pipe, parts, diffusers.DDIMScheduler.from_config(base.config), 5, **kw)
+    got, _ = run(pipe, parts, FewstepScheduler.from_config(base.config, solver="ddim"), 5, **kw)
+    assert rel(got, want) < 1e-5
+
+
+def test_another_solver_or_grid_starts_from_its_own_defaults():
+    cfg = diffusers.DDIMScheduler(**SD, clip_sample=False).config
+    a = FewstepScheduler.from_config(cfg, solver="sa_solver", tau=0, grid="karras", grid_options={"rho": 5})
+    b = FewstepScheduler.from_config(a.config, solver="euler", grid="logsnr")
+    assert b.config["solver_options"] == {} and b.config["grid_options"] == {}
+    c = FewstepScheduler.from_config(a.config)  # same solver and grid: their knobs are kept
+    assert c.config["solver_options"] == {"tau": 0} and c.config["grid_options"] == {"rho": 5}
+
+
+def test_bad_grid_knob_fails_when_built():
+    with pytest.raises(TypeError, match="grid 'karras'.*rh"):
+        FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, grid="karras", grid_options={"rh": 7})
+
+
+def test_learned_variance_output_is_split_off():
+    """DeepFloyd IF-style configs (variance_type learned_range): the network returns eps and a variance."""
+    cfg = diffusers.DDPMScheduler(variance_type="learned_range").config
+    outs = []
+    for with_variance in (False, True):
+        s = FewstepScheduler.from_config(cfg, solver="ddim")
+        s.set_timesteps(4)
+        x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        eps = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        output = torch.cat([eps, torch.randn(1, 3, 8, 8)], dim=1) if with_variance else eps
+        outs.append(s.step(output, s.timesteps[0], x).prev_sample)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_low_precision_pipelines_keep_a_float32_state():
+    s = FewstepScheduler.from_config(diffusers.DDIMScheduler(**SD).config, solver="dpmpp_2m")
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8).half()
+    out = s.step(torch.randn(1, 4, 8, 8).half(), s.timesteps[0], x).prev_sample
+    assert out.dtype == torch.float16 and s._run.x.dtype == torch.float32

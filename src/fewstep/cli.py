@@ -164,9 +164,13 @@ def _class_labels(den: object, label: str | None, n: int) -> dict[str, torch.Ten
     if label is None:
         return None
     default = getattr(den, "default_cond", {}) or {}
-    if "class_labels" not in default:
+    config = getattr(getattr(den, "model", None), "config", {})
+    if "class_labels" in default:
+        classes = int(default["class_labels"])  # a DiT's null label sits at index num_classes
+    elif getattr(config, "num_class_embeds", None):
+        classes = int(config.num_class_embeds)  # a class-conditional UNet2DModel: no null label
+    else:
         raise ValueError("--label needs a class-conditional model (e.g. dit_s); this one takes no class labels")
-    classes = int(default["class_labels"])  # the null label sits at index num_classes
     if label == "cycle":
         return {"class_labels": torch.arange(n) % classes}
     try:

@@ -38,6 +38,7 @@ def load_pipeline(folder: str | os.PathLike, *, torch_dtype: torch.dtype | None 
     from transformers.utils import logging as transformers_logging
 
     verbosity = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
@@ -51,8 +52,9 @@ def load_pipeline(folder: str | os.PathLike, *, torch_dtype: torch.dtype | None 
     finally:
         diffusers_logging.set_verbosity(verbosity[0])
         transformers_logging.set_verbosity(verbosity[1])
-        diffusers_logging.enable_progress_bar()
-        transformers_logging.enable_progress_bar()
+        for logging, enabled in zip((diffusers_logging, transformers_logging), bars, strict=True):
+            if enabled:
+                logging.enable_progress_bar()
     if device is not None:
         pipe.to(device)
     return pipe

@@ -114,6 +114,7 @@ class _RunState:
     outputs: list[torch.Tensor]
     noise: torch.Tensor | None = None
     done: bool = False
+    returned: torch.Tensor | None = None  # what the last step returned: the pipeline's latents unless it edits them
 
 
 def native_time_of(config: Mapping[str, Any], schedule: NoiseSchedule) -> tuple[Any, Any]:
@@ -156,8 +157,10 @@ def _infer_base_class(config: Mapping[str, Any]) -> str:
     keys = {k for k in config if not k.startswith("_")}
     found = []
     for name in dir(diffusers):
+        if not name.endswith("Scheduler"):
+            continue  # getattr on anything else would import whole pipelines
         cls = getattr(diffusers, name)
-        if name.endswith("Scheduler") and isinstance(cls, type) and issubclass(cls, SchedulerMixin):
+        if isinstance(cls, type) and issubclass(cls, SchedulerMixin):
             params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
             if params == keys:
                 found.append(name)
@@ -208,6 +211,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "supported by FewstepScheduler; set it to False")
         # DDIM/DDPM-style clip_sample clips x0_hat: a change of the denoiser that every solver then sees
         self._clip = float(base.get("clip_sample_range", 1.0)) if base.get("clip_sample") else None
+        if grid != "diffusers":  # a bad grid knob fails here, not inside the pipeline's call
+            try:
+                make_grid(grid, self._schedule, 2, **dict(grid_options or {}))
+            except TypeError as err:
+                raise TypeError(f"grid {grid!r}: {err}") from None
+        elif grid_options:
+            raise ValueError("grid_options are for a named fewstep grid, not grid='diffusers'")
         self.register_to_config(**base, solver=solver, solver_options=options, grid=grid,
                                 grid_options=dict(grid_options or {}), base_scheduler=base_scheduler)
         self.timesteps: torch.Tensor | None = None
@@ -230,7 +240,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             cfg["_class_name"] = own.get("base_scheduler")
         if not cfg.get("_class_name") and not own.get("base_scheduler") and not kwargs.get("base_scheduler"):
             cfg["_class_name"] = base_name or _infer_base_class(cfg)
-        solver_options = {**dict(own.pop("solver_options", None) or {}), **dict(kwargs.pop("solver_options", {}))}
+        # A saved solver's (grid's) knobs go with that solver (grid): choosing another one starts from its defaults.
+        saved_solver = own.pop("solver_options", None) or {}
+        if kwargs.get("solver", own.get("solver")) != own.get("solver"):
+            saved_solver = {}
+        if kwargs.get("grid", own.get("grid")) != own.get("grid"):
+            own.pop("grid_options", None)
+        solver_options = {**dict(saved_solver), **dict(kwargs.pop("solver_options", {}))}
         scheduler = cls(**{**own, **kwargs}, solver_options=solver_options, base_config=cfg)
         return (scheduler, {}) if return_unused_kwargs else scheduler
 
@@ -289,14 +305,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         dynamic = bool(self._base.get("use_dynamic_shifting", False))
         if mu is not None and not dynamic:
             raise ValueError("mu was given but the base scheduler config has no use_dynamic_shifting")
+        schedule, time_maps = self._schedule, self._native
         if dynamic:
             if mu is None:
                 raise ValueError("use_dynamic_shifting: the flow shift depends on the image size; pass mu= (the "
                                  "pipelines do)")
-            self._schedule, self._prediction = _schedule(self._base, mu=mu)
-            self._native = native_time_of(self._base, self._schedule)
-        schedule = self._schedule
-        to_native, from_native = self._native
+            schedule = _schedule(self._base, mu=mu)[0]
+            time_maps = native_time_of(self._base, schedule)
+        to_native, from_native = time_maps
         if timesteps is not None and sigmas is not None:
             raise ValueError("pass timesteps= or sigmas=, not both")
         custom = timesteps is not None or sigmas is not None
@@ -329,6 +345,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 times = make_grid(grid_name, schedule, int(num_inference_steps),
                                   **self.config.get("grid_options", {})).tolist()
         self._plan = self._make_plan(schedule, times)
+        self._schedule, self._native = schedule, time_maps  # only once the whole plan stands
         device = torch.device(device) if device is not None else None
         native = [to_native(t) for t in self._plan.eval_times]
         integral = isinstance(schedule, DiscreteVP) and all(abs(v - round(v)) < 1e-6 for v in native)
@@ -363,14 +380,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         given = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas}
         if next(iter(given)) in takes:
             return self._base_times(schedule, None, mu=mu, **{k: list(map(float, v)) for k, v in given.items()})
-        if timesteps is not None:
+        from fewstep.models.scheduler_config import times_of_sigmas
+
+        if timesteps is not None:  # evaluation points; the last step denoises to zero, as DDIM-style schedulers do
             times = [from_native(float(v)) for v in timesteps]
-        elif isinstance(schedule, RectifiedFlow):
-            times = [schedule.time_of_sigma(float(s)) if float(s) > 0 else 0.0 for s in sigmas]
-        else:  # k-diffusion sigmas sigma / alpha of a VP model: t from the log-SNR
-            times = [schedule.inverse_lam(-math.log(float(s))) if float(s) > 0 else 0.0 for s in sigmas]
-        if times and times[-1] != 0.0:
-            times.append(0.0)  # like diffusers' schedulers, the last step denoises to zero
+            times += [] if times[-1] == 0.0 else [0.0]
+        else:  # every point of the grid, the end included (flow sigmas, or sigma / alpha of a VP model), as Euler
+            times = times_of_sigmas(schedule, [float(s) for s in sigmas], self._base_class)
         return explicit(schedule, times).tolist()
 
     def _make_plan(self, schedule: NoiseSchedule, times: list[float]) -> _Plan:
@@ -415,13 +431,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         plan = self._plan
         if plan is None:
             raise ValueError("call set_timesteps before step")
+        dtype = sample.dtype
+        work = sample if dtype in (torch.float32, torch.float64) else sample.float()  # low precision: float32 state
         if self._run is None:
             first = self._begin_index or 0
             if first not in plan.step_first_eval.values():
                 raise ValueError(f"cannot begin at evaluation {first}: not the start of a solver step")
             step_pos = plan.eval_step[first]
-            self._run = _RunState(first, step_pos, sample, self._solver.init(sample), [])
+            self._run = _RunState(first, step_pos, work, self._solver.init(work), [])
         run = self._run
+        if (not run.outputs and run.eval_index == plan.step_first_eval.get(run.step_pos)
+                and run.returned is not None and not torch.equal(sample, run.returned)):
+            run.x = work  # the pipeline changed the latents between steps (inpainting, callbacks): take them
         if run.done or run.eval_index >= len(plan.eval_times):
             raise ValueError("step called after the last timestep; call set_timesteps to start a new run")
         expected = self.timesteps[run.eval_index]
@@ -430,11 +451,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step got timestep {float(torch.as_tensor(timestep).flatten()[0])}, expected "
                              f"{float(expected)} (evaluation {run.eval_index}); steps must follow scheduler.timesteps")
         t_eval = plan.eval_times[run.eval_index]
+        if model_output.shape[1] == 2 * sample.shape[1] and str(self._base.get("variance_type")).startswith("learned"):
+            model_output = model_output[:, : sample.shape[1]]  # a predicted variance beside the prediction (IF)
         # The pipeline's model saw scale_model_input(sample); the adapter converts its output at the raw sample.
-        x0_hat = self._converter(model_output)(sample, t_eval)
+        x0_hat = self._converter(model_output.to(work.dtype))(work, t_eval)
         run.outputs.append(x0_hat if self._clip is None else x0_hat.clamp(-self._clip, self._clip))
         run.eval_index += 1
-        out = self._advance(run, plan, generator)
+        out = self._advance(run, plan, generator).to(dtype)
+        run.returned = out
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
 
     def _advance(self, run: _RunState, plan: _Plan, generator: Any) -> torch.Tensor:
@@ -463,7 +487,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _times_of(self, timesteps: Any) -> torch.Tensor:
         """Fewstep times of diffusers timesteps: the planned time of a timestep of this run (exact, float64),
-        else the native-time inverse (clamped onto the schedule: a float32 timestep can round past its end)."""
+        else the native-time inverse; a time that a float32 timestep rounds just past the schedule's end is put on
+        it, a timestep outside the model's range raises."""
         from_native, schedule = self._native[1], self._schedule
         values = torch.as_tensor(timesteps).flatten().tolist()
         planned = {} if self.timesteps is None else {

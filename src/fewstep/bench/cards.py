@@ -8,13 +8,12 @@ It lives on the bench side (it needs :class:`~fewstep.bench.metrics.DigitsFD`) s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fewstep.outputs import atomic_write
+from fewstep.zoo import read_card, write_card
 
 __all__ = ["evaluate"]
 
@@ -40,9 +39,7 @@ def evaluate(name: str, folder: Path | None = None, *, steps: int = 1000, n: int
               "fd_1000_step": round(fd(x), 4), "fd_floor": round(fd.floor(n), 4), "fd_samples": n,
               "fd_solver": f"{solver}, {steps} steps, time_uniform grid"
               + (", class labels 0-9 in turn" if cond else "")}
-    card_path = folder / "card.json"
-    card = json.loads(card_path.read_text())
+    card = read_card(folder)
     card.update(result)
-    text = json.dumps(card, indent=2).encode()
-    atomic_write(card_path, lambda f: f.write(text))
+    write_card(folder, card)
     return result

@@ -437,7 +437,7 @@ def diffusers_grid(
         sched.set_timesteps(steps, **kwargs)
     sigmas = getattr(sched, "sigmas", None)
     if isinstance(sigmas, torch.Tensor):
-        times = _times_of_sigmas(schedule, _once(sigmas.double().tolist()), name)
+        times = times_of_sigmas(schedule, _once(sigmas.double().tolist()), name)
     else:
         times = _times_of_timesteps(sched, schedule, name)
     grid = torch.tensor(_onto_bounds(schedule, times), dtype=torch.float64)
@@ -450,7 +450,9 @@ def _once(values: list[float]) -> list[float]:
     return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
 
 
-def _times_of_sigmas(schedule: NoiseSchedule, sigmas: list[float], name: str) -> list[float]:
+def times_of_sigmas(schedule: NoiseSchedule, sigmas: list[float], name: str = "scheduler") -> list[float]:
+    """Fewstep times of diffusers sigmas (flow sigmas; ``sigma / alpha`` of a beta table, a training step exactly
+    where the sigma is the table's; EDM sigmas as they are); 0 stays 0."""
     if isinstance(schedule, RectifiedFlow):
         bad = [s for s in sigmas if not 0.0 <= s <= 1.0]
         if bad:

@@ -14,7 +14,8 @@ from typing import Any
 from fewstep.zoo.analytic import AnalyticDenoiser, GaussianMixture, digits, gaussian, gaussian_mixture
 
 __all__ = ["WEIGHTS", "AnalyticDenoiser", "GaussianMixture", "digits", "gaussian", "gaussian_mixture",
-           "list_models", "load", "load_classifier", "model_path", "stamp_digests", "verify_digests"]
+           "list_models", "load", "load_classifier", "model_path", "read_card", "stamp_digests", "verify_digests",
+           "write_card"]
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -50,6 +51,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_card(folder: str | Path, card: dict[str, Any]) -> Path:
+    """Write ``card.json`` into ``folder`` atomically (a crash never leaves a truncated card behind)."""
+    from fewstep.outputs import atomic_write
+
+    text = json.dumps(card, indent=2).encode()
+    return atomic_write(Path(folder) / "card.json", lambda f: f.write(text))
+
+
+def read_card(folder: str | Path) -> dict[str, Any]:
+    """The ``card.json`` of a model folder; a one-line ``ValueError`` when it is not a JSON object."""
+    return _read_card(Path(folder))
+
+
 def _read_card(folder: Path) -> dict[str, Any]:
     path = folder / "card.json"
     try:
@@ -68,8 +82,7 @@ def stamp_digests(folder: str | Path) -> dict[str, str]:
     folder = Path(folder)
     card = _read_card(folder)
     card["sha256"] = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
-    with open(folder / "card.json", "w") as f:
-        json.dump(card, f, indent=2)
+    write_card(folder, card)
     return card["sha256"]
 
 

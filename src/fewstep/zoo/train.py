@@ -11,7 +11,6 @@ weights (the EMA is what is saved), fixed seed, one thread.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fewstep.data import digits_tensor
-from fewstep.zoo import stamp_digests
+from fewstep.zoo import stamp_digests, write_card
 
 __all__ = ["SPECS", "ModelSpec", "classifier_split", "train"]
 
@@ -185,8 +184,7 @@ def train(name: str, out_dir: Path | None = None, *, iters: int | None = None, l
                                             beta_end=0.02, prediction_type="v_prediction" if spec.kind == "v"
                                             else "epsilon", clip_sample=False)
         sched.save_pretrained(out / "scheduler")
-    with open(out / "card.json", "w") as f:
-        json.dump(card, f, indent=2)
+    write_card(out, card)
     stamp_digests(out)  # the card carries the sha256 of the weights it describes; checked on every load
     return out
 
