@@ -67,6 +67,7 @@ def test_pickled_component_is_refused(sd_folder, tmp_path):
     (["--prompt", "x", "--solver", "unipcc", "--out", "x.png"], "did you mean 'unipc'"),
     (["--prompt", "x", "--out", "nodir/x.png"], "does not exist"),
     (["--prompt", "x", "--height", "20", "--out", "x.png"], "multiple of 8"),
+    (["--prompt", "x", "--solver", "f_ddim", "--out", "x.png"], "run it with fewstep.sample"),
 ])
 def test_generate_errors(sd_folder, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

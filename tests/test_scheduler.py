@@ -182,9 +182,8 @@ def test_errors():
         FewstepScheduler.from_config(cfg, solver="ddim", etta=1)
     with pytest.raises(ValueError, match="did you mean 'karras'"):
         FewstepScheduler.from_config(cfg, grid="karas")
-    s = FewstepScheduler.from_config(cfg, solver="f_ddim")
     with pytest.raises(ValueError, match="run it with fewstep.sample"):
-        s.set_timesteps(5)
+        FewstepScheduler.from_config(cfg, solver="f_ddim")
     s = FewstepScheduler.from_config(cfg, grid="karras")
     with pytest.raises(ValueError, match="call set_timesteps before step"):
         s.step(torch.zeros(1, 4), 999, torch.zeros(1, 4))

@@ -45,7 +45,7 @@ def load_pipeline(folder: str | os.PathLike, *, torch_dtype: torch.dtype | None 
     transformers_logging.disable_progress_bar()
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(root, use_safetensors=True, local_files_only=True,
-                                                           torch_dtype=torch_dtype, variant=variant)
+                                                           dtype=torch_dtype, variant=variant)
     except Exception as err:  # diffusers/transformers raise OSError, ValueError, EnvironmentError, ...
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"cannot load the pipeline in {root}: {first}") from None

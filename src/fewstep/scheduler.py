@@ -199,6 +199,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         base_scheduler = base_scheduler or dict(base_config or {}).get("_class_name") or "DDPMScheduler"
         options = {**dict(solver_options or {}), **knobs}
         self._solver: Solver = make_solver(solver, **options)  # unknown solvers and knobs raise here
+        self._solver_name = solver
         if grid != "diffusers" and grid not in GRIDS:
             make_grid(grid, DiscreteVP.named("linear"), 2)  # the registry's error, with a suggestion
         self._base_class = base_scheduler
@@ -218,6 +219,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise TypeError(f"grid {grid!r}: {err}") from None
         elif grid_options:
             raise ValueError("grid_options are for a named fewstep grid, not grid='diffusers'")
+        # A solver a pipeline cannot drive (its first evaluation is not on the initial noise) is refused now,
+        # before a pipeline is loaded or run: plan a 2-step grid once.
+        self._make_plan(self._schedule, make_grid("time_uniform", self._schedule, 2).tolist())
         self.register_to_config(**base, solver=solver, solver_options=options, grid=grid,
                                 grid_options=dict(grid_options or {}), base_scheduler=base_scheduler)
         self.timesteps: torch.Tensor | None = None
@@ -416,7 +420,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             eval_times.append(times[-2])
             eval_step.append(len(steps))
         if first.get(0) != 0:
-            raise ValueError(f"solver {self.config['solver']!r} does not first evaluate the model on the initial "
+            raise ValueError(f"solver {self._solver_name!r} does not first evaluate the model on the initial "
                              "noise at the first time, where a diffusers pipeline always evaluates first; run it "
                              "with fewstep.sample instead")
         return _Plan(schedule, times, steps, eval_times, eval_step, first)
