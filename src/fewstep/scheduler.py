@@ -35,7 +35,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from fewstep.grids import GRIDS, explicit, make_grid
+from fewstep.grids import explicit, make_grid
 from fewstep.models.adapter import EDM_PREDICTIONS, ModelDenoiser
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
 from fewstep.solvers import Solver, Step, make_solver
@@ -113,7 +113,6 @@ class _RunState:
     solver_state: Any
     outputs: list[torch.Tensor]
     noise: torch.Tensor | None = None
-    done: bool = False
     returned: torch.Tensor | None = None  # what the last step returned: the pipeline's latents unless it edits them
 
 
@@ -200,8 +199,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         options = {**dict(solver_options or {}), **knobs}
         self._solver: Solver = make_solver(solver, **options)  # unknown solvers and knobs raise here
         self._solver_name = solver
-        if grid != "diffusers" and grid not in GRIDS:
-            make_grid(grid, DiscreteVP.named("linear"), 2)  # the registry's error, with a suggestion
         self._base_class = base_scheduler
         self._base = {**base, "_class_name": base_scheduler}
         # The schedule; with dynamic shifting it depends on the image size, so it is made per run from ``mu``.
@@ -212,7 +209,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "supported by FewstepScheduler; set it to False")
         # DDIM/DDPM-style clip_sample clips x0_hat: a change of the denoiser that every solver then sees
         self._clip = float(base.get("clip_sample_range", 1.0)) if base.get("clip_sample") else None
-        if grid != "diffusers":  # a bad grid knob fails here, not inside the pipeline's call
+        if grid != "diffusers":  # a bad grid name (with a suggestion) or knob fails here, not in the pipeline
             try:
                 make_grid(grid, self._schedule, 2, **dict(grid_options or {}))
             except TypeError as err:
@@ -447,7 +444,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if (not run.outputs and run.eval_index == plan.step_first_eval.get(run.step_pos)
                 and run.returned is not None and not torch.equal(sample, run.returned)):
             run.x = work  # the pipeline changed the latents between steps (inpainting, callbacks): take them
-        if run.done or run.eval_index >= len(plan.eval_times):
+        if run.eval_index >= len(plan.eval_times):
             raise ValueError("step called after the last timestep; call set_timesteps to start a new run")
         expected = self.timesteps[run.eval_index]
         if timestep is not None and not math.isclose(float(torch.as_tensor(timestep).flatten()[0]), float(expected),
@@ -468,14 +465,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _advance(self, run: _RunState, plan: _Plan, generator: Any) -> torch.Tensor:
         """Replay the current solver step with the outputs received; move on while steps complete."""
         while True:
-            if run.step_pos == len(plan.steps):  # the final denoise-to-zero, or the end of a grid above zero
-                if plan.times[-1] != 0.0:
-                    run.done = True
-                    return run.x
-                if run.outputs:
-                    run.done = True
-                    return run.outputs[0]
-                return run.x
+            if run.step_pos == len(plan.steps):  # the final denoise-to-zero (x0_hat once evaluated), or the end
+                return run.outputs[0] if plan.times[-1] == 0.0 and run.outputs else run.x
             step = plan.steps[run.step_pos]
             if self._solver.stochastic and run.noise is None:
                 run.noise = randn_tensor(run.x.shape, generator=generator, device=run.x.device, dtype=run.x.dtype)
