@@ -233,13 +233,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out, (".png", ".npz"))  # before any work
     options = _options(args.option)
-    make_solver(args.solver, **options)  # a bad solver or knob fails before the pipeline loads
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 8:
             raise ValueError(f"{name} must be a multiple of 8, got {value}")
-    if not (Path(args.pipeline) / "model_index.json").is_file():
-        raise ValueError(f"{args.pipeline} is not a diffusers pipeline folder (no model_index.json)")
-    FewstepScheduler(args.solver, args.grid, **options)  # a solver no pipeline can drive fails before loading
+    # A bad solver, knob or grid, or a solver no pipeline can drive, fails here, before the pipeline loads.
+    FewstepScheduler(args.solver, args.grid, **options)
     pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[args.dtype], device=args.device)
     scheduler = use_fewstep(pipe, args.solver, args.grid, **options)
     x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=args.steps, negative_prompt=args.negative_prompt,
