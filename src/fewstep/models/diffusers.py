@@ -15,8 +15,9 @@ from fewstep.models.scheduler_config import native_time_from_config, schedule_fr
 
 __all__ = ["from_diffusers", "schedule_from_config"]
 
-def _load_config(path: Path) -> dict[str, Any]:
-    """A JSON config file as a dict; a one-line ``ValueError`` naming the file when it is not one."""
+def load_json(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (a config, a model card) as a dict; a one-line ``ValueError`` naming the file
+    when it is not one."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -63,7 +64,7 @@ def _check_safetensors_only(model_dir: Path, variant: str | None = None) -> None
         indexes.append(_legacy_variant_index(model_dir, variant))
     found = [index for index in indexes if index.is_file()]
     for index in found:
-        weight_map = _load_config(index).get("weight_map")
+        weight_map = load_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         bad = sorted({str(f) for f in weight_map.values() if not str(f).endswith(".safetensors")})
@@ -185,7 +186,7 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{model_dir} has no config.json; not a diffusers model folder")
-        class_name = _load_config(config_path).get("_class_name")
+        class_name = load_json(config_path).get("_class_name")
         model_cls = getattr(diffusers, str(class_name), None)
         if not (isinstance(model_cls, type) and issubclass(model_cls, diffusers.ModelMixin)):
             raise ValueError(f"{config_path} names unknown diffusers class {class_name!r}")
@@ -208,7 +209,7 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
         scheduler_or_config = found[0]
     if isinstance(scheduler_or_config, str | os.PathLike):
         p = Path(scheduler_or_config)
-        config = _load_config(p / "scheduler_config.json" if p.is_dir() else p)
+        config = load_json(p / "scheduler_config.json" if p.is_dir() else p)
     elif isinstance(scheduler_or_config, Mapping):
         config = dict(scheduler_or_config)
     elif hasattr(scheduler_or_config, "config"):

@@ -22,11 +22,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 def list_models() -> dict[str, dict[str, Any]]:
     """``{name: card}`` of every shipped model (diffusion models and the FD classifier)."""
-    cards = {}
-    for card in sorted(WEIGHTS.glob("*/card.json")):
-        with open(card) as f:
-            cards[card.parent.name] = json.load(f)
-    return cards
+    return {card.parent.name: read_card(card.parent) for card in sorted(WEIGHTS.glob("*/card.json"))}
 
 
 def model_path(name_or_path: str | Path) -> Path:
@@ -61,26 +57,16 @@ def write_card(folder: str | Path, card: dict[str, Any]) -> Path:
 
 def read_card(folder: str | Path) -> dict[str, Any]:
     """The ``card.json`` of a model folder; a one-line ``ValueError`` when it is not a JSON object."""
-    return _read_card(Path(folder))
+    from fewstep.models.diffusers import load_json
 
-
-def _read_card(folder: Path) -> dict[str, Any]:
-    path = folder / "card.json"
-    try:
-        with open(path) as f:
-            card = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-    if not isinstance(card, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return card
+    return load_json(Path(folder) / "card.json")
 
 
 def stamp_digests(folder: str | Path) -> dict[str, str]:
     """Write the sha256 of every ``.safetensors`` file under ``folder`` into its ``card.json`` (``"sha256"``:
     relative path -> hex digest); returns them. Run after (re)training a model."""
     folder = Path(folder)
-    card = _read_card(folder)
+    card = read_card(folder)
     card["sha256"] = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
     write_card(folder, card)
     return card["sha256"]
@@ -93,7 +79,7 @@ def verify_digests(folder: str | Path) -> None:
     file is present that the card does not list (weights swapped or added after shipping).
     """
     folder = Path(folder)
-    expected = _read_card(folder).get("sha256")
+    expected = read_card(folder).get("sha256")
     if not isinstance(expected, dict) or not expected:
         raise ValueError(f"{folder / 'card.json'} lists no sha256 digests of its weights")
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")}
