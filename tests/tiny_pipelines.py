@@ -81,9 +81,10 @@ def sdxl_unet() -> diffusers.UNet2DConditionModel:
         addition_time_embed_dim=4, projection_class_embeddings_input_dim=4 * 6 + 12).eval()
 
 
-def sd3_transformer() -> diffusers.SD3Transformer2DModel:
+def sd3_transformer(layers: int = 1) -> diffusers.SD3Transformer2DModel:
+    """SD3 on 8x8x4 latents; the last of ``layers`` joint blocks is context-pre-only, as in SD3."""
     return diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
         pos_embed_max_size=16).eval()
 

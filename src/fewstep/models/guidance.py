@@ -37,12 +37,34 @@ class ClassifierFreeGuidance(Denoiser):
         self.required_cond = inner.required_cond
 
     def for_run(self, run: Run) -> Denoiser:
-        inner = self.inner.for_run(run)
-        return self if inner is self.inner else ClassifierFreeGuidance(inner, self.scale, uncond=self.uncond)
+        """One per-run copy of the inner denoiser per branch: a cache inside keeps the conditional and the
+        unconditional branch's features apart (one shared state would hand the unconditional branch the
+        conditional branch's features)."""
+        cond_branch, uncond_branch = self.inner.for_run(run), self.inner.for_run(run)
+        if cond_branch is self.inner and uncond_branch is self.inner:
+            return self
+        return _GuidedRun(self, cond_branch, uncond_branch)
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
-        x0_u = self.inner(x, t, self.uncond)
-        if self.scale == 0.0:
-            return x0_u
-        x0_c = self.inner(x, t, cond)
-        return x0_u + self.scale * (x0_c - x0_u)
+        return _guide(self.inner, self.inner, self.scale, self.uncond, x, t, cond)
+
+
+def _guide(cond_branch: Denoiser, uncond_branch: Denoiser, scale: float, uncond: Cond, x: torch.Tensor, t: float,
+           cond: Cond) -> torch.Tensor:
+    x0_u = uncond_branch(x, t, uncond)
+    if scale == 0.0:
+        return x0_u
+    x0_c = cond_branch(x, t, cond)
+    return x0_u + scale * (x0_c - x0_u)
+
+
+class _GuidedRun(Denoiser):
+    """A run's guidance with a bound inner denoiser per branch."""
+
+    def __init__(self, guidance: ClassifierFreeGuidance, cond_branch: Denoiser, uncond_branch: Denoiser) -> None:
+        self.guidance, self.cond_branch, self.uncond_branch = guidance, cond_branch, uncond_branch
+        self.schedule, self.required_cond = guidance.schedule, guidance.required_cond
+
+    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        g = self.guidance
+        return _guide(self.cond_branch, self.uncond_branch, g.scale, g.uncond, x, t, cond)

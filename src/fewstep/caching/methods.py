@@ -1,0 +1,344 @@
+"""The cache methods as Denoisers, and the registry that names them (with their calibration candidates).
+
+Each method is a :class:`~fewstep.models.Denoiser` around a :class:`~fewstep.models.ModelDenoiser`: solvers never
+hear of it. Its state lives in a per-run copy (``for_run``, called by ``sample()``): a shallow copy of the network
+whose block lists go through a fresh engine (:mod:`fewstep.caching.engines`), so nothing is shared between runs or
+threads and the original network is never modified. Under :class:`~fewstep.models.ClassifierFreeGuidance` each
+branch binds its own copy, so the conditional and unconditional branches never read each other's features.
+
+Every evaluation is opened explicitly with its grid step (the grid time nearest to it: Heun's second evaluation of
+step ``i`` belongs to step ``i + 1``) and the network's time input, and reports ``on_cache(step, reused, work)`` to
+the run's hooks (:class:`~fewstep.caching.CacheStats`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from fewstep.caching.adapters import BlockAdapter, adapter_of
+from fewstep.caching.engines import ChainRecipe, Recipe, UNetRecipe, _Engine, _Meters
+from fewstep.caching.policies import (
+    FirstBlockThreshold,
+    MagnitudeCurve,
+    MagnitudeRatio,
+    Scheduled,
+    as_tuple,
+)
+from fewstep.models.adapter import ModelDenoiser
+from fewstep.models.base import Cond, Denoiser, Run
+from fewstep.models.guidance import ClassifierFreeGuidance
+
+__all__ = ["METHODS", "BlockCache", "DeepCache", "EncoderPropagation", "FeatureCache", "MagCache", "SpecContext",
+           "TaylorSeer", "make_cache", "model_denoiser", "with_cache"]
+
+
+@dataclass(frozen=True)
+class SpecContext:
+    """What a method calibrated from a run needs to know about the runs it will serve (MagCache's curve)."""
+
+    solver: Any
+    steps: int
+    shape: tuple[int, ...]
+    grid: str = "time_quadratic"
+    cond: Cond = None
+    seeds: str = "1000-1003"
+
+
+class FeatureCache(Denoiser):
+    """Base of the cache methods: a recipe (what to skip and when) around a ModelDenoiser's network."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ("unet", "chain")
+
+    def __init__(self, den: Denoiser, **knobs: Any) -> None:
+        self.den = model_denoiser(den, type(self).__name__)
+        self.adapter = self.adapter_for(self.den.model)
+        try:
+            self.recipe = self.make_recipe(self.adapter, self.den.model, **knobs)
+        except TypeError as err:
+            if "unexpected keyword" in str(err) or "positional argument" in str(err):
+                raise TypeError(f"cache {self.name!r}: {err}") from None
+            raise
+        self.knobs = dict(knobs)
+        self.schedule = self.den.schedule
+        self.required_cond = self.den.required_cond
+        self._meters = _Meters()
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.den.sample_shape
+
+    @classmethod
+    def adapter_for(cls, net: torch.nn.Module) -> BlockAdapter:
+        adapter = adapter_of(net)
+        if adapter.kind not in cls.kinds:
+            from fewstep.caching.adapters import ADAPTERS
+
+            fits = [a.family for a in ADAPTERS.values() if a.kind in cls.kinds]
+            others = [n for n, c in METHODS.items() if adapter.kind in c.kinds]
+            raise TypeError(f"{cls.__name__} works on {', '.join(fits)}; for a {type(net).__name__} use "
+                            f"{', '.join(others)}")
+        return adapter
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, **knobs: Any) -> Recipe:
+        raise NotImplementedError
+
+    @classmethod
+    def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
+        """Settings :func:`~fewstep.caching.calibrate_cache` tries, most aggressive first."""
+        return []
+
+    @classmethod
+    def from_spec(cls, den: Denoiser, knobs: dict[str, Any], ctx: SpecContext | None) -> FeatureCache:
+        return cls(den, **knobs)
+
+    def engine(self, net: torch.nn.Module) -> _Engine:
+        return self.recipe.engine(net, self.adapter, self._meters)
+
+    def for_run(self, run: Run) -> Denoiser:
+        return _CachedRun(self, run)
+
+    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        raise TypeError("a cache lives in one run: call it through fewstep.sample()")
+
+    def __repr__(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in self.knobs.items())
+        return f"{type(self).__name__}({knobs})"
+
+
+class _CachedRun(Denoiser):
+    """One run's (and one guidance branch's) cache: the network copy with wrapped blocks and its engine."""
+
+    def __init__(self, cache: FeatureCache, run: Run) -> None:
+        self.cache, self.run = cache, run
+        inner = cache.den
+        self.engine = cache.engine(inner.model)
+        self.den = copy.copy(inner)
+        self.den.model = cache.adapter.wrap(inner.model, self.engine)
+        self.schedule, self.required_cond = inner.schedule, inner.required_cond
+
+    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        self.cache.adapter.check_cond(cond)
+        step = self.run.step_of(t)
+        self.schedule.alpha(t)  # validates t before the time input is read from it
+        clock = torch.tensor([float(self.den.native_time(t))], dtype=torch.float64)
+        self.engine.begin(step, clock, x.shape[0], len(self.run.times), tuple(x.shape[1:]))
+        try:
+            out = self.den(x, t, cond)
+        finally:
+            reused, work = self.engine.end()
+        self.run.report("on_cache", step, reused, work)
+        return out
+
+
+def model_denoiser(den: Denoiser, who: str) -> ModelDenoiser:
+    if not isinstance(den, ModelDenoiser):
+        raise TypeError(f"{who} wraps a fewstep ModelDenoiser around a diffusers network (e.g. from_diffusers or "
+                        f"fewstep.zoo.load); got {type(den).__name__}")
+    return den
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _unet_depth(net: torch.nn.Module) -> int:
+    return len(net.up_blocks)
+
+
+class DeepCache(FeatureCache):
+    """DeepCache: on full steps run the U-Net; on the others run only its shallow branch — ``conv_in``, down
+    blocks ``0..branch``, up blocks ``U - 1 - branch..`` and the head — on the cached input of up block
+    ``U - 1 - branch`` (the deep features). ``branch=0`` reuses the most.
+
+    Knobs: ``interval`` and ``schedule`` (``"uniform"`` or ``"nonuniform"``, :func:`full_steps`) or an explicit
+    ``full=[...]`` list of grid steps; ``branch``; ``order``: 0 reuses the deep features as they are, 1 or 2
+    forecasts them with a Taylor expansion of the last full steps (TaylorSeer on DeepCache's features).
+    ``interval=1`` never reuses and equals the model bit for bit.
+
+    References: *DeepCache: Accelerating Diffusion Models for Free* (Ma, Fang, Wang, CVPR 2024).
+    """
+
+    name = "deepcache"
+    kinds = ("unet",)
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, interval: int = 3, branch: int = 0,
+                    schedule: str = "uniform", full: Sequence[int] | None = None, order: int = 0,
+                    warmup: int = 0) -> Recipe:
+        n_up = _unet_depth(net)
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < n_up - 1:
+            raise ValueError(f"branch must be in [0, {n_up - 2}] for a U-Net with {n_up} up blocks (a model "
+                             f"without a deeper branch to skip cannot use DeepCache)")
+        _int("order", order, 0)
+        n_down = len(net.down_blocks)
+        skip = {("down", i) for i in range(branch + 1, n_down)} | {("mid", 0)}
+        skip |= {("up", i) for i in range(n_up - 1 - branch)}
+        return UNetRecipe(Scheduled(interval, schedule, warmup, as_tuple(full)), frozenset(skip),
+                          forecast_at=("up", n_up - 2 - branch), order=order)
+
+    @classmethod
+    def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
+        return [{"interval": k, "schedule": s} for k in range(8, 1, -1) for s in ("uniform", "nonuniform")]
+
+
+class EncoderPropagation(FeatureCache):
+    """Encoder propagation (Faster Diffusion): on key steps run the whole U-Net and keep the encoder's outputs
+    (every down block's and the mid block's); on the others run only the decoder (up blocks and head) on the
+    cached encoder features with the current time embedding. Key steps: :func:`full_steps` (``"nonuniform"`` by
+    default, denser early as in the paper) or an explicit ``full=[...]``.
+
+    References: *Faster Diffusion: Rethinking the Role of the Encoder for Diffusion Model Inference* (Li et al.,
+    NeurIPS 2024).
+    """
+
+    name = "encoder"
+    kinds = ("unet",)
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, interval: int = 2,
+                    schedule: str = "nonuniform", full: Sequence[int] | None = None) -> Recipe:
+        skip = {("down", i) for i in range(len(net.down_blocks))} | {("mid", 0)}
+        return UNetRecipe(Scheduled(interval, schedule, 0, as_tuple(full)), frozenset(skip))
+
+    @classmethod
+    def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
+        return [{"interval": k, "schedule": s} for k in range(8, 1, -1) for s in ("uniform", "nonuniform")]
+
+
+class BlockCache(FeatureCache):
+    """First-block-residual cache for diffusion transformers (DiT, PixArt, SD3, Flux).
+
+    Every evaluation runs the first block, ``r = block_0(h) - h``. For each sample, when the relative change
+    ``mean|r - r_ref| / mean|r_ref|`` against the residual of its last full evaluation is below ``threshold``
+    (after ``warmup`` grid steps, at most ``max_reuse`` evaluations in a row), the remaining blocks are skipped
+    for it and their residual ``h_L - h_1`` (every stream: SD3's and Flux's text tokens too) is added instead —
+    as cached (``order=0``) or forecast by a Taylor expansion (``order`` 1 or 2); the other samples run them.
+    Decisions are per sample, so sample ``k`` is the same in any batch. ``threshold=0`` never reuses and equals
+    the model bit for bit.
+
+    References: first-block cache (ParaAttention's FBCache; cache-dit's DBCache F1B0); *From Reusing to
+    Forecasting: Accelerating Diffusion Models with TaylorSeers* (Liu et al., ICCV 2025) for ``order > 0``.
+    """
+
+    name = "block"
+    kinds = ("chain",)
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, threshold: float = 0.05, warmup: int = 1,
+                    max_reuse: int = 3, order: int = 0) -> Recipe:
+        if adapter.length(net) < 2:
+            raise ValueError("BlockCache needs at least two transformer blocks")
+        return ChainRecipe(first=FirstBlockThreshold(threshold, warmup, max_reuse), order=_int("order", order, 0))
+
+    @classmethod
+    def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
+        return [{"threshold": th} for th in (0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02, 0.01)]
+
+
+class TaylorSeer(FeatureCache):
+    """TaylorSeer: compute in full on scheduled steps (the first ``warmup``, then one in ``interval``) and
+    *forecast* the skipped features on the others from a Taylor expansion, of order ``order``, whose derivatives
+    are finite differences of the last full steps' features in the network's time input. On transformers the
+    features are the residual of the whole block chain (every block skipped); on U-Nets, DeepCache's deep
+    features (the shallow branch still runs).
+
+    References: *From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers* (Liu et al., ICCV
+    2025).
+    """
+
+    name = "taylorseer"
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, interval: int = 4, order: int = 1,
+                    warmup: int = 2, schedule: str = "uniform", branch: int = 0) -> Recipe:
+        _int("order", order, 0)
+        if adapter.kind == "unet":
+            return DeepCache.make_recipe(adapter, net, interval=interval, schedule=schedule, order=order,
+                                         warmup=warmup, branch=branch)
+        return ChainRecipe(schedule=Scheduled(interval, schedule, warmup), order=order)
+
+    @classmethod
+    def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
+        return [{"interval": k, "order": o} for k in range(8, 1, -1) for o in (1, 2)]
+
+
+class MagCache(FeatureCache):
+    """MagCache: skip the whole block chain (reusing its residual ``h_L - h_0``) while the accumulated error of the
+    residual's magnitude ratios between consecutive evaluations, read off a ``curve`` recorded on one uncached run
+    (:func:`~fewstep.caching.magnitude_curve`), stays under ``threshold``; at most ``max_skip`` evaluations in a
+    row; the first ``retention`` share of the steps always runs. The decision depends only on the time, so it is
+    the same for every sample.
+
+    References: *MagCache: Fast Video Generation with Magnitude-Aware Cache* (Ma et al., 2025).
+    """
+
+    name = "magcache"
+    kinds = ("chain",)
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, curve: MagnitudeCurve | None = None,
+                    threshold: float = 0.06, max_skip: int = 3, retention: float = 0.2) -> Recipe:
+        if curve is None:
+            raise ValueError("MagCache needs curve=: record one with fewstep.caching.magnitude_curve(den, solver, "
+                             "steps, shape=...) (specs and calibrate_cache record it for you)")
+        return ChainRecipe(magnitude=MagnitudeRatio(curve, threshold, max_skip, retention))
+
+    @classmethod
+    def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
+        return [{"threshold": th, "max_skip": k} for th in (0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.03, 0.015)
+                for k in (4, 2)]
+
+    @classmethod
+    def from_spec(cls, den: Denoiser, knobs: dict[str, Any], ctx: SpecContext | None) -> FeatureCache:
+        if "curve" not in knobs:
+            if ctx is None:
+                raise ValueError("magcache needs a calibration run: give the solver and steps it will serve")
+            from fewstep.caching.calibrate import magnitude_curve
+
+            knobs = {**knobs, "curve": magnitude_curve(den, ctx.solver, ctx.steps, shape=ctx.shape,
+                                                       seeds=ctx.seeds, grid=ctx.grid, cond=ctx.cond)}
+        return cls(den, **knobs)
+
+
+class _Recorder(FeatureCache):
+    """Records the chain residual's magnitude on every evaluation; never reuses (for :func:`magnitude_curve`)."""
+
+    name = "record"
+    kinds = ("chain",)
+
+    @classmethod
+    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *,
+                    record: list[tuple[float, float]]) -> Recipe:
+        return ChainRecipe(schedule=Scheduled(1, "uniform", 0), record=record)
+
+
+METHODS: dict[str, type[FeatureCache]] = {c.name: c for c in (DeepCache, EncoderPropagation, BlockCache,
+                                                                TaylorSeer, MagCache)}
+
+
+def with_cache(den: Denoiser, make: Any) -> Denoiser:
+    """``den`` with ``make(model_denoiser)`` put under its guidance: a cache goes around the network, inside
+    :class:`~fewstep.models.ClassifierFreeGuidance` (which then keeps one cache state per branch)."""
+    if isinstance(den, ClassifierFreeGuidance):
+        return ClassifierFreeGuidance(with_cache(den.inner, make), den.scale, uncond=den.uncond)
+    return make(den)
+
+
+def make_cache(den: Denoiser, method: str, *, context: SpecContext | None = None, **knobs: Any) -> Denoiser:
+    """``method`` (a name in :data:`METHODS`, or ``"none"``) with ``knobs`` around ``den``'s network (under its
+    guidance, if any); ``context`` lets run-calibrated methods (MagCache) record what they need."""
+    if method == "none":
+        return den
+    if method not in METHODS:
+        raise ValueError(f"unknown cache {method!r}; known: none, {', '.join(METHODS)}, auto")
+    cls = METHODS[method]
+    return with_cache(den, lambda d: cls.from_spec(d, knobs, context))

@@ -1,0 +1,223 @@
+"""Feature caches on every supported architecture (tiny random-weight instances of the real diffusers classes).
+
+With no reuse, every method equals the uncached model bit for bit on every family (the network's own ``forward``
+runs; the blocks are wrapped, not replayed), on grids that end at 0 and at ``t_min > 0``. With reuse: work is
+saved, decisions are per sample (a sample is the same in any batch), guidance keeps one state per branch, and
+calibration accepts guided and class/text-conditioned denoisers.
+"""
+
+import diffusers
+import pytest
+import torch
+
+from fewstep import ClassifierFreeGuidance, from_diffusers, sample
+from fewstep.caching import (
+    METHODS,
+    BlockCache,
+    CacheStats,
+    DeepCache,
+    EncoderPropagation,
+    MagCache,
+    TaylorSeer,
+    cache_error,
+    cache_from_spec,
+    calibrate_cache,
+    magnitude_curve,
+    make_cache,
+)
+from fewstep.models.base import Denoiser
+from test_families import DDPM, FLOW, _build, _cond
+
+UNETS = ["UNet2DModel", "UNet2DConditionModel", "SDXL"]
+CHAINS = ["DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"]
+FAMILY_NAMES = UNETS + CHAINS
+FLOWS = {"SD3Transformer2DModel", "FluxTransformer2DModel"}
+
+
+@pytest.fixture(scope="module")
+def dens():
+    return {n: from_diffusers(_build(n).eval(), FLOW if n in FLOWS else DDPM) for n in FAMILY_NAMES}
+
+
+def _shape(name, den):
+    return (2, 8, 8)  # every tiny family: 2 latent channels (Flux's unpacked), 8x8
+
+
+def _run(name, den, solver="ddim", steps=6, seeds="0-2", grid="time_quadratic", times=None, **kw):
+    cond = kw.pop("cond", _cond(name, 1))
+    with torch.no_grad():
+        return sample(den, solver, times if times is not None else steps, shape=_shape(name, den), seeds=seeds,
+                      grid=grid, cond=cond, **kw)
+
+
+def _no_reuse(name, den):
+    if name in UNETS:
+        return [DeepCache(den, interval=1), EncoderPropagation(den, interval=1),
+                TaylorSeer(den, interval=1, order=2), DeepCache(den, interval=1, order=1)]
+    curve = magnitude_curve(den, "ddim", 6, shape=_shape(name, den), cond=_cond(name, 1))
+    return [BlockCache(den, threshold=0.0), BlockCache(den, threshold=0.0, order=1),
+            TaylorSeer(den, interval=1), MagCache(den, curve=curve, threshold=0.0)]
+
+
+def _ending_at_t_min(den, steps=5):
+    lo, hi = den.t_min, den.t_max
+    return [hi - (hi - lo) * (i / steps) ** 1.5 for i in range(steps + 1)]  # last time t_min > 0
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_no_reuse_is_the_model_bit_for_bit(dens, name):
+    den = dens[name]
+    for solver in ("ddim", "heun"):
+        base = _run(name, den, solver)
+        for cached in _no_reuse(name, den):
+            assert torch.equal(_run(name, cached, solver), base), (name, cached, solver)
+
+
+@pytest.mark.parametrize("solver", ["heun", "f_ddim", "dpm_solver_3"])
+@pytest.mark.parametrize("name", ["UNet2DModel", "DiTTransformer2DModel"])
+def test_interval_one_is_exact_on_grids_ending_above_zero(dens, name, solver):
+    """Heun's corrector, F-DDIM's look-ahead and DPM-Solver-3's inner points evaluate at the final grid time
+    ``t_min > 0``: that evaluation has its own step slot and is computed (it reused features before)."""
+    den = dens[name]
+    times = _ending_at_t_min(den)
+    base = _run(name, den, solver, times=times)
+    makers = ([lambda: DeepCache(den, interval=1), lambda: EncoderPropagation(den, interval=1)] if name in UNETS
+              else [lambda: TaylorSeer(den, interval=1)])
+    for make in makers:
+        stats = CacheStats()
+        assert torch.equal(_run(name, make(), solver, times=times, hooks=[stats]), base)
+        assert stats.reused == 0
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_reuse_saves_work_and_stays_close(dens, name):
+    den = dens[name]
+    base = _run(name, den, steps=10)
+    methods = ([DeepCache(den, interval=3), EncoderPropagation(den, interval=3), TaylorSeer(den, interval=3)]
+               if name in UNETS else [BlockCache(den, threshold=10.0, max_reuse=2),
+                                      BlockCache(den, threshold=10.0, max_reuse=2, order=1),
+                                      TaylorSeer(den, interval=3, order=2)])
+    for cached in methods:
+        stats = CacheStats()
+        out = _run(name, cached, steps=10, hooks=[stats])
+        assert stats.reused > 0 and stats.mean_work < 1.0, (name, cached)
+        assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_per_sample_decisions_make_batches_exact(dens, name):
+    """A sample's cache decisions depend on it alone: sample k is the same in a batch of 4 and of 2."""
+    den = dens[name]
+    cond4, cond2 = _cond(name, 4, seed=5), _cond(name, 4, seed=5)
+    if name == "DiTTransformer2DModel":
+        cond2 = {"class_labels": cond4["class_labels"][2:]}
+    else:
+        cond2 = {k: (v[2:] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 4 else
+                     ({kk: vv[2:] for kk, vv in v.items()} if isinstance(v, dict) else v)) for k, v in cond4.items()}
+    for make in (lambda: BlockCache(den, threshold=0.3), lambda: BlockCache(den, threshold=0.3, order=1),
+                 lambda: TaylorSeer(den, interval=3)):
+        stats = CacheStats()
+        full = _run(name, make(), steps=10, seeds="0-3", cond=cond4, hooks=[stats])
+        part = _run(name, make(), steps=10, seeds="2-3", cond=cond2)
+        scale = float(part.abs().max())
+        assert float((full[2:] - part).abs().max()) <= 1e-5 * scale  # float32 batch round-off only
+
+
+class _TwoCaches(Denoiser):
+    """Guidance with a separate cache object per branch: what one state per branch must equal."""
+
+    def __init__(self, make, scale, uncond):
+        self.c, self.u, self.scale, self.uncond = make(), make(), scale, uncond
+        self.schedule = self.c.schedule
+
+    def for_run(self, run):
+        bound = _TwoCaches.__new__(_TwoCaches)
+        bound.c, bound.u = self.c.for_run(run), self.u.for_run(run)
+        bound.scale, bound.uncond, bound.schedule = self.scale, self.uncond, self.schedule
+        return bound
+
+    def __call__(self, x, t, cond=None):
+        x0_u = self.u(x, t, self.uncond)
+        return x0_u + self.scale * (self.c(x, t, cond) - x0_u)
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("UNet2DConditionModel", lambda d: DeepCache(d, interval=3)),
+    ("SDXL", lambda d: TaylorSeer(d, interval=3)),
+    ("DiTTransformer2DModel", lambda d: BlockCache(d, threshold=0.5)),
+    ("FluxTransformer2DModel", lambda d: BlockCache(d, threshold=0.5, order=1)),
+])
+def test_guidance_keeps_one_cache_state_per_branch(dens, name, make):
+    den = dens[name]
+    uncond = None if name == "DiTTransformer2DModel" else _cond(name, 1, seed=9)
+    guided = ClassifierFreeGuidance(make(den), 4.0, uncond=uncond)
+    stats = CacheStats()
+    out = _run(name, guided, steps=10, hooks=[stats])
+    assert torch.equal(out, _run(name, _TwoCaches(lambda: make(den), 4.0, uncond), steps=10))
+    assert stats.reused > 0  # a shared state compared each branch with the other one and never reused
+
+
+def test_caches_go_under_guidance_when_built_from_a_guided_denoiser(dens):
+    den = dens["DiTTransformer2DModel"]
+    guided = ClassifierFreeGuidance(den, 4.0)
+    cached = make_cache(guided, "block", threshold=0.5)
+    assert isinstance(cached, ClassifierFreeGuidance) and isinstance(cached.inner, BlockCache)
+    assert torch.equal(_run("DiTTransformer2DModel", cached),
+                       _run("DiTTransformer2DModel", ClassifierFreeGuidance(BlockCache(den, threshold=0.5), 4.0)))
+
+
+def test_calibration_takes_guided_and_single_label_conditioning(dens):
+    """A batch-1 label with 8 seeds (an IndexError before), and a guided denoiser (refused before)."""
+    den = dens["DiTTransformer2DModel"]
+    kw = {"shape": den.sample_shape, "seeds": "0-7", "cond": {"class_labels": torch.tensor([3])}}
+    cal = calibrate_cache(den, "ddim", 8, target_error=0.05, **kw)
+    assert cal.method in ("block", "none")
+    guided = ClassifierFreeGuidance(den, 4.0)
+    cal = calibrate_cache(guided, "ddim", 8, target_error=0.05, method="all", **kw)
+    assert {row[0] for row in cal.table} == {"block", "taylorseer", "magcache"}
+    if cal.method != "none":
+        held = _run("DiTTransformer2DModel", make_cache(guided, cal.method, **cal.knobs), steps=8, seeds="0-7",
+                    cond=kw["cond"])
+        exact = _run("DiTTransformer2DModel", guided, steps=8, seeds="0-7", cond=kw["cond"])
+        assert float(cache_error(held, exact).mean()) <= cal.error_upper + 1e-12
+
+
+@pytest.mark.parametrize("spec", ["auto:target_error=-1", "auto:target_error=0", "auto:target_error=nan"])
+def test_non_positive_target_error_is_refused(dens, spec):
+    den = dens["UNet2DModel"]
+    with pytest.raises(ValueError, match="target_error must be a number > 0"):
+        cache_from_spec(den, spec, solver="ddim", steps=5, shape=den.sample_shape)
+
+
+def test_clear_errors(dens):
+    unet, dit = dens["UNet2DModel"], dens["DiTTransformer2DModel"]
+    with pytest.raises(TypeError, match="UNet2DModel, UNet2DConditionModel"):
+        DeepCache(dit)
+    with pytest.raises(TypeError, match="DiTTransformer2DModel"):
+        BlockCache(unet)
+    with pytest.raises(ValueError, match="curve"):
+        MagCache(dit)
+    with pytest.raises(TypeError, match="cache 'taylorseer'.*bogus"):
+        TaylorSeer(dit, bogus=1)
+    with pytest.raises(ValueError, match="order"):
+        BlockCache(dit, order=-1)
+    sana = from_diffusers(_build("SanaTransformer2DModel").eval(), FLOW)
+    with pytest.raises(TypeError, match="feature caches wrap the blocks of"):
+        BlockCache(sana)
+    sd = dens["UNet2DConditionModel"]
+    cond = {**_cond("UNet2DConditionModel", 1), "mid_block_additional_residual": torch.zeros(1, 32, 4, 4)}
+    with pytest.raises(ValueError, match="mid_block_additional_residual"):
+        _run("UNet2DConditionModel", DeepCache(sd, interval=2), cond=cond)
+
+
+def test_the_original_network_is_never_modified(dens):
+    den = dens["FluxTransformer2DModel"]
+    net = den.model
+    before = (list(net.transformer_blocks), list(net.single_transformer_blocks), dict(net._modules),
+              len(net._forward_hooks), len(net._forward_pre_hooks))
+    _run("FluxTransformer2DModel", BlockCache(den, threshold=0.5), steps=4)
+    after = (list(net.transformer_blocks), list(net.single_transformer_blocks), dict(net._modules),
+             len(net._forward_hooks), len(net._forward_pre_hooks))
+    assert before == after
+    assert set(METHODS) == {"deepcache", "encoder", "block", "taylorseer", "magcache"}
+    assert isinstance(net, diffusers.FluxTransformer2DModel)

@@ -1,0 +1,164 @@
+"""``enable_cache(pipe, spec)``: caches on a diffusers pipeline's own network, with fewstep's and diffusers'
+schedulers. A pipeline with a cache gives the samples of ``fewstep.sample`` with the same cache under guidance;
+a cache that never reuses changes nothing; ``disable_cache`` leaves the network as it was."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+import tiny_pipelines as tiny  # noqa: E402
+from fewstep import ClassifierFreeGuidance, from_diffusers, sample  # noqa: E402
+from fewstep.caching import BlockCache, CacheStats, DeepCache, TaylorSeer, disable_cache, enable_cache  # noqa: E402
+from fewstep.scheduler import FewstepScheduler  # noqa: E402
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+GUIDANCE = 3.0
+
+
+@pytest.fixture(scope="module")
+def sd():
+    torch.manual_seed(0)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny.vae(), text_encoder=None, tokenizer=None, unet=tiny.sd_unet(),
+        scheduler=diffusers.DDIMScheduler(**SD, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, torch.randn(1, 5, 12), torch.randn(1, 5, 12)
+
+
+def run_sd(sd, scheduler, steps=10):
+    pipe, emb, neg = sd
+    pipe.scheduler = scheduler
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                output_type="latent", generator=torch.Generator().manual_seed(1), height=16, width=16).images
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _state(net):
+    return ({k: list(m) if isinstance(m, torch.nn.ModuleList) else m for k, m in net._modules.items()},
+            len(net._forward_hooks), len(net._forward_pre_hooks))
+
+
+def test_pipeline_cache_equals_fewstep_sample_with_the_cache_under_guidance(sd):
+    pipe, emb, neg = sd
+    base = pipe.scheduler.config
+    scheduler = FewstepScheduler.from_config(base, solver="ddim")
+    handle = enable_cache(pipe, "deepcache:interval=3")
+    try:
+        got = run_sd(sd, scheduler)
+        assert handle.stats.reused == 6 and handle.stats.reused_steps == [1, 2, 4, 5, 7, 8]
+    finally:
+        disable_cache(pipe)
+    den = ClassifierFreeGuidance(DeepCache(from_diffusers(pipe.unet, base), interval=3), GUIDANCE,
+                                 uncond={"encoder_hidden_states": neg})
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    stats = CacheStats()
+    want = sample(den, "ddim", torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init,
+                  cond={"encoder_hidden_states": emb}, hooks=[stats])
+    assert rel(got, want) < 1e-5
+    assert stats.reused == 2 * 6  # one state per branch here, one batched pass in the pipeline
+
+
+@pytest.mark.parametrize("make", [lambda c: diffusers.DPMSolverMultistepScheduler.from_config(c),
+                                  lambda c: diffusers.HeunDiscreteScheduler.from_config(c),
+                                  lambda c: FewstepScheduler.from_config(c, solver="heun")])
+def test_no_reuse_changes_nothing_with_any_scheduler_and_disable_restores(sd, make):
+    pipe = sd[0]
+    before = _state(pipe.unet)
+    plain = run_sd(sd, make(pipe.scheduler.config), steps=6)
+    handle = enable_cache(pipe, "deepcache:interval=1")
+    assert torch.equal(run_sd(sd, make(pipe.scheduler.config), steps=6), plain)
+    assert handle.stats.reused == 0 and handle.stats.full == len(pipe.scheduler.timesteps)
+    enable_cache(pipe, "deepcache:interval=2")  # replaces the first: blocks wrapped once
+    cached = run_sd(sd, make(pipe.scheduler.config), steps=6)
+    assert not torch.equal(cached, plain)
+    second = run_sd(sd, make(pipe.scheduler.config), steps=6)  # a new run starts from a fresh state
+    assert torch.equal(second, cached)
+    disable_cache(pipe)
+    assert _state(pipe.unet) == before
+    assert torch.equal(run_sd(sd, make(pipe.scheduler.config), steps=6), plain)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    torch.manual_seed(0)
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny.sd3_transformer(layers=3), scheduler=base, vae=tiny.vae(), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    return pipe, base, cond, uncond
+
+
+def run_sd3(sd3, scheduler, steps=8):
+    pipe, _, cond, uncond = sd3
+    pipe.scheduler = scheduler
+    return pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                negative_prompt_embeds=uncond["encoder_hidden_states"],
+                negative_pooled_prompt_embeds=uncond["pooled_projections"], num_inference_steps=steps,
+                guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(1),
+                height=16, width=16).images
+
+
+@pytest.mark.parametrize(("spec", "make"), [("taylorseer:interval=3:order=1", lambda d: TaylorSeer(d, interval=3)),
+                                            ("block:threshold=0.3", lambda d: BlockCache(d, threshold=0.3))])
+def test_sd3_pipeline_cache_equals_fewstep_sample(sd3, spec, make):
+    """The forecast clock is the network's timestep input, the same in both paths; block decisions per sample."""
+    pipe, base, cond, uncond = sd3
+    scheduler = FewstepScheduler.from_config(base.config, solver="euler")
+    handle = enable_cache(pipe, spec)
+    try:
+        got = run_sd3(sd3, scheduler)
+    finally:
+        disable_cache(pipe)
+    den = ClassifierFreeGuidance(make(from_diffusers(pipe.transformer, base.config)), GUIDANCE, uncond=uncond)
+    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    want = sample(den, "euler", torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    assert rel(got, want) < 1e-4
+    assert handle.stats.mean_work < 1.0
+
+
+def test_flux_pipeline_with_diffusers_scheduler(sd3):
+    torch.manual_seed(0)
+    base = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                                     max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = diffusers.FluxPipeline(scheduler=base, vae=tiny.vae(), text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=tiny.flux_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    cond = {"prompt_embeds": torch.randn(1, 5, 12), "pooled_prompt_embeds": torch.randn(1, 12)}
+
+    def go():
+        return pipe(**cond, num_inference_steps=8, output_type="latent", height=32, width=32,
+                    generator=torch.Generator().manual_seed(1)).images
+
+    plain = go()
+    handle = enable_cache(pipe, "block:threshold=0")
+    assert torch.equal(go(), plain)
+    handle = enable_cache(pipe, "taylorseer:interval=3:order=2")
+    out = go()
+    assert handle.stats.reused > 0 and not torch.equal(out, plain) and torch.isfinite(out).all()
+    disable_cache(pipe)
+    assert torch.equal(go(), plain)
+
+
+def test_errors(sd):
+    pipe = sd[0]
+    before = _state(pipe.unet)
+    with pytest.raises(ValueError, match="calibrate"):
+        enable_cache(pipe, "auto:target_error=0.05")
+    with pytest.raises(ValueError, match="unknown cache 'nope'"):
+        enable_cache(pipe, "nope")
+    with pytest.raises(TypeError, match="cache 'deepcache'.*bogus"):
+        enable_cache(pipe, "deepcache:bogus=1")
+    with pytest.raises(TypeError, match="DiTTransformer2DModel"):
+        enable_cache(pipe, "block:threshold=0.1")
+    assert _state(pipe.unet) == before
