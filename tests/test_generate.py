@@ -30,6 +30,19 @@ def test_generate_writes_an_rgb_grid(sd_folder, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.png"]
 
 
+def test_generate_with_a_cache(sd_folder, tmp_path, capsys):
+    """The cache acts on the pipeline's own U-Net; without reuse the latents are those of the uncached run."""
+    argv = ["generate", "--pipeline", str(sd_folder), "--prompt", "a cat", "--solver", "ddim", "--steps", "6",
+            "--seeds", "0-1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "plain.npz")]) == 0
+    assert main([*argv, "--cache", "deepcache:interval=1", "--out", str(tmp_path / "exact.npz")]) == 0
+    assert main([*argv, "--cache", "taylorseer:interval=3", "--out", str(tmp_path / "ts.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "cache taylorseer:interval=3 reused 3 of 6 evaluations" in out
+    with np.load(tmp_path / "plain.npz") as a, np.load(tmp_path / "exact.npz") as b, np.load(tmp_path / "ts.npz") as c:
+        assert np.array_equal(a["latents"], b["latents"]) and not np.array_equal(a["latents"], c["latents"])
+
+
 def test_seed_k_is_the_same_image_in_any_batch(sd_folder):
     pipe = load_pipeline(sd_folder)
     use_fewstep(pipe, "dpmpp_2m", "time_quadratic")
@@ -68,6 +81,9 @@ def test_pickled_component_is_refused(sd_folder, tmp_path):
     (["--prompt", "x", "--out", "nodir/x.png"], "does not exist"),
     (["--prompt", "x", "--height", "20", "--out", "x.png"], "multiple of 8"),
     (["--prompt", "x", "--solver", "f_ddim", "--out", "x.png"], "run it with fewstep.sample"),
+    (["--prompt", "x", "--cache", "auto:target_error=0.05", "--out", "x.png"], "give generate a method"),
+    (["--prompt", "x", "--cache", "deepcach", "--out", "x.png"], "unknown cache 'deepcach'"),
+    (["--prompt", "x", "--cache", "block:threshold=0.1", "--out", "x.png"], "for a UNet2DConditionModel use"),
 ])
 def test_generate_errors(sd_folder, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

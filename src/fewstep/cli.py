@@ -238,8 +238,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be a multiple of 8, got {value}")
     # A bad solver, knob or grid, or a solver no pipeline can drive, fails here, before the pipeline loads.
     FewstepScheduler(args.solver, args.grid, **options)
+    cache = args.cache or "none"
+    _check_pipeline_cache(cache)
     pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[args.dtype], device=args.device)
     scheduler = use_fewstep(pipe, args.solver, args.grid, **options)
+    handle = None
+    if cache != "none":
+        from fewstep.caching import enable_cache
+
+        handle = enable_cache(pipe, cache)  # knobs are checked against the network before any sampling
     x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=args.steps, negative_prompt=args.negative_prompt,
                         guidance=args.guidance, height=args.height, width=args.width,
                         latents=out.suffix == ".npz", progress=not args.quiet)
@@ -254,8 +261,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image = Image.fromarray(mosaic(x.float().cpu() * 2 - 1, scale=1))
         atomic_write(out, lambda f: image.save(f, format="PNG"))
         what = "images"
-    print(f"{len(args.seeds)} {what}, {args.solver} on the {args.grid} grid, {calls} network calls -> {out}")
+    note = ""
+    if handle is not None:
+        st = handle.stats
+        note = (f"; cache {cache} reused {st.reused} of {st.full + st.reused} evaluations, computed "
+                f"{100 * st.mean_work:.0f} % of the network")
+    print(f"{len(args.seeds)} {what}, {args.solver} on the {args.grid} grid, {calls} network calls{note} -> {out}")
     return 0
+
+
+def _check_pipeline_cache(spec: str) -> None:
+    """A pipeline cache spec names a method (``auto`` calibrates on denoisers, not pipelines)."""
+    from fewstep.caching import METHODS
+    from fewstep.spec import parse_spec
+
+    name, _ = parse_spec(spec)
+    if name == "auto":
+        raise ValueError("--cache auto calibrates on fewstep denoisers (fewstep sample/bench, calibrate_cache); "
+                         "give generate a method, e.g. --cache taylorseer:interval=3")
+    if name != "none" and name not in METHODS:
+        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -344,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
     smp.add_argument("--label", default=None, help="class label for class-conditional models (dit_s): an int, or "
                      "'cycle' for 0-9 in turn; default: the model's unconditional label")
-    smp.add_argument("--cache", default=None, help="feature cache: deepcache:interval=3, encoder:interval=2, "
-                     "block:threshold=0.05 (transformers), auto:target_error=0.05 (calibrated here), none")
+    smp.add_argument("--cache", default=None, help="feature cache: taylorseer:interval=3:order=2, "
+                     "deepcache:interval=3, encoder:interval=2 (U-Nets), block:threshold=0.05, magcache:threshold=0.1 "
+                     "(transformers), auto:target_error=0.05[:method=all] (calibrated here), none")
     smp.add_argument("--out", required=True, help="output .png (image grid) or .npz (samples)")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     smp.set_defaults(func=cmd_sample)
@@ -370,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                      help="dtype of the pipeline's weights (float32)")
     gen.add_argument("--device", type=_device, default="cpu", help="torch device (cpu)")
+    gen.add_argument("--cache", default=None, help="feature cache on the pipeline's network: "
+                     "taylorseer:interval=3:order=2, deepcache:interval=3, encoder:interval=2 (U-Nets), "
+                     "block:threshold=0.08 (transformers), none (default)")
     gen.add_argument("--out", required=True, help="output .png (RGB image grid) or .npz (undecoded latents)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
@@ -391,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diffusers schedulers to run as well, by label: " + ", ".join(_peer_labels()))
     bench.add_argument("--cache", type=lambda s: s.split(","), default=[""],
                        help="comma-separated feature caches to run every fewstep solver with: none, "
-                            "deepcache:interval=3, encoder:interval=2, block:threshold=0.05, auto:target_error=0.05 "
-                            "(default: none)")
+                            "taylorseer:interval=3, deepcache:interval=3, encoder:interval=2, block:threshold=0.05, "
+                            "magcache:threshold=0.1, auto:target_error=0.05 (default: none)")
     bench.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -215,7 +216,7 @@ class Forecast:
                           for _ in range(self.order + 1)]
             self.clock = torch.zeros(batch, dtype=torch.float64)
             self.have = torch.zeros(batch, dtype=torch.long)
-        rows = torch.arange(batch) if index is None else index.cpu()
+        rows: Any = slice(None) if index is None else index.cpu()
         have, c_new = self.have[rows], clock.cpu()[rows]
         dt = c_new - self.clock[rows]
         step = torch.where(dt.abs() < 1e-12, torch.full_like(dt, 1e-12), dt)  # clocks fall (sampling) or rise
@@ -225,9 +226,13 @@ class Forecast:
                 term = self.terms[i][s]
                 if v is None or term is None:
                     continue
-                prev = term[rows]
-                term[rows] = v.to(term.dtype)
-                if i < self.order:  # the next term: a finite difference, where the sample has term i already
+                last = i == self.order
+                prev = None if last else (term.clone() if index is None else term[rows])
+                if index is None:
+                    term.copy_(v)
+                else:
+                    term[rows] = v.to(term.dtype)
+                if not last:  # the next term: a finite difference, where the sample has term i already
                     shape = (-1, *([1] * (v.ndim - 1)))
                     scale = (1.0 / step).to(device=v.device, dtype=v.dtype).reshape(shape)
                     known = (have > i).to(v.device).reshape(shape)
@@ -239,10 +244,8 @@ class Forecast:
     def predict(self, index: torch.Tensor | None, clock: torch.Tensor) -> Streams:
         """The forecast features of the samples ``index`` (all when ``None``) at clocks ``clock[index]``."""
         assert self.terms is not None and self.have is not None and self.clock is not None
-        batch = self.have.shape[0]
-        rows = torch.arange(batch) if index is None else index.cpu()
-        base = self.terms[0]
-        out: list[torch.Tensor | None] = [None if v is None else (v if index is None else v[rows]) for v in base]
+        rows: Any = slice(None) if index is None else index.cpu()
+        out: list[torch.Tensor | None] = [None if v is None else v[rows] for v in self.terms[0]]
         if self.order == 0:
             return tuple(out)
         dt = clock.cpu()[rows] - self.clock[rows]
