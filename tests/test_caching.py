@@ -187,3 +187,36 @@ def test_bench_and_cli_learn_caches(tmp_path, capsys):
     code = main(["sample", "--model", "unet_s", "--steps", "10", "--seeds", "0-3", "--quiet", "--cache", "dep",
                  "--out", str(tmp_path / "y.npz")])
     assert code == 2 and "unknown cache 'dep'" in capsys.readouterr().err
+
+
+def test_bench_runs_diffusers_cache_hooks_as_peer_rows(tmp_path):
+    """``diffusers:<cache>`` rows: diffusers' own hook on the same network, noise and solver, its work counted."""
+    from fewstep.bench import ResultStore, run_sweep, sweep
+
+    exps = sweep(["dit_s"], ["ddim"], [6], seeds="0-7",
+                 caches=["none", "diffusers:fbcache:threshold=0.5", "taylorseer:interval=2"])
+    store = ResultStore(tmp_path / "r.sqlite")
+    assert run_sweep(exps, store) == 3
+    rows = {r["label"]: r for r in store.rows()}
+    assert set(rows) == {"ddim", "ddim+diffusers:fbcache:threshold=0.5", "ddim+taylorseer:interval=2"}
+    for label in ("ddim+diffusers:fbcache:threshold=0.5", "ddim+taylorseer:interval=2"):
+        assert 0 < rows[label]["cache_work"] < 1 and rows[label]["cache_reused"] > 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "--models", "unet_s", "--steps", "5", "--cache", "diffusers:fbcache"], "--cache diffusers:fbcache on "
+                                                                                      "unet_s"),
+    (["bench", "--models", "unet_s", "--steps", "5", "--cache", "magcache"], "for a UNet2DModel use"),
+    (["bench", "--models", "unet_s", "--steps", "5", "--cache", "auto:target_error=-1"], "target_error must be"),
+    (["sample", "--model", "unet_s", "--cache", "taylorseer:intervall=2"], "intervall"),
+    (["sample", "--model", "unet_s", "--cache", "auto:target_error=0"], "target_error must be"),
+])
+def test_cli_checks_caches_before_any_work(tmp_path, capsys, argv, message):
+    from fewstep.cli import main
+
+    db = tmp_path / "r.sqlite"
+    extra = ["--db", str(db)] if argv[0] == "bench" else ["--out", str(tmp_path / "x.npz")]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not db.exists() and not (tmp_path / "x.npz").exists()

@@ -202,6 +202,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     counter, stats = NFECounter(), CacheStats()
     note = ""
     if args.cache and args.cache != "none":
+        from fewstep.caching import check_cache_spec
+
+        check_cache_spec(den, args.cache)
         den, cal = cache_from_spec(den, args.cache, solver=solver, steps=args.steps, shape=shape, grid=args.grid)
         if cal is not None:
             note = f" (auto: {cal.method} {cal.knobs}, calibration error {cal.error:.3g})"
@@ -297,12 +300,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         make_solver(name, **opts)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
                  with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache)
+    _check_caches(args.models, args.cache)
     store = ResultStore(args.db)
     ran = run_sweep(exps, store, force=args.force)
     print(f"{ran} experiments run here, {len(exps) - ran} already in (or run by another sweep on) {store.path}")
     if args.report:
         print(f"report: {write_report(store, args.report)}")
     return 0
+
+
+def _check_caches(models: list[str], caches: list[str]) -> None:
+    """Every cache spec against every model, before any experiment runs (diffusers' hooks are installed on the
+    network and removed again to see that they apply)."""
+    from fewstep.bench.runner import diffusers_cache
+    from fewstep.caching import check_cache_spec
+    from fewstep.zoo import load
+
+    specs = [c for c in caches if c and c != "none"]
+    for model in models if specs else []:
+        den = load(model)
+        for spec in specs:
+            try:
+                if spec.startswith("diffusers:"):
+                    diffusers_cache(den, spec)
+                else:
+                    check_cache_spec(den, spec)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--cache {spec} on {model}: {err}") from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:

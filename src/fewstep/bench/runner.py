@@ -95,6 +95,16 @@ class Context:
         return self._floors[n]
 
 
+def diffusers_cache(den: Denoiser, spec: str) -> Any:
+    """The diffusers cache hook a ``"diffusers:<name>[:key=value...]"`` spec names on ``den``'s network
+    (:class:`~fewstep.bench.cache_peers.DiffusersCache`; use it in a ``with`` block)."""
+    from fewstep.bench.cache_peers import DiffusersCache
+    from fewstep.spec import parse_spec
+
+    name, knobs = parse_spec(spec.removeprefix("diffusers:"))
+    return DiffusersCache(den, name, **knobs)
+
+
 def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch.Tensor]:
     """Run one experiment; returns its record (NFE, error, FD, floor, SWD, times, memory) and its samples."""
     den = ctx.model(exp.model)
@@ -105,15 +115,20 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
     if exp.backend == "fewstep":
         counter, stats = NFECounter(), CacheStats()
         solver = make_solver(exp.solver, **exp.options)
-        if exp.cache:  # ``auto`` calibrates on seeds 1000-1127, never the experiment's
+        peer: Any = contextlib.nullcontext()
+        if exp.cache.startswith("diffusers:"):  # diffusers' own cache hook on the same network, noise and solver
+            peer = diffusers_cache(den, exp.cache)
+            timed = _Timed(peer)
+        elif exp.cache:  # ``auto`` calibrates on seeds 1000-1127, never the experiment's
             cached, cal = cache_from_spec(den, exp.cache, solver=solver, steps=exp.steps,
                                           shape=tuple(x_init.shape[1:]), grid=exp.grid)
             if cal is not None:
-                extra = {"cache_choice": f"{cal.method}:{cal.knobs}", "cache_calibration_error": cal.error}
+                extra = {"cache_choice": cal.spec, "cache_calibration_error": cal.error}
             timed = _Timed(cached)
             t0 = time.perf_counter()  # calibration is not part of the run's time
         grid = make_grid(exp.grid, den.schedule, exp.steps)
-        out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
+        with peer:
+            out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
             extra["cache_work"] = stats.mean_work

@@ -11,7 +11,14 @@ reuses equals the model bit for bit (tested per family). Rooms: :mod:`~fewstep.c
 """
 
 from fewstep.caching.adapters import ADAPTERS, BlockAdapter, adapter_of
-from fewstep.caching.calibrate import Calibration, cache_error, cache_from_spec, calibrate_cache, magnitude_curve
+from fewstep.caching.calibrate import (
+    Calibration,
+    cache_error,
+    cache_from_spec,
+    calibrate_cache,
+    check_cache_spec,
+    magnitude_curve,
+)
 from fewstep.caching.methods import (
     METHODS,
     BlockCache,
@@ -29,5 +36,5 @@ from fewstep.caching.stats import CacheStats
 
 __all__ = ["ADAPTERS", "METHODS", "BlockAdapter", "BlockCache", "CacheStats", "Calibration", "DeepCache",
            "EncoderPropagation", "FeatureCache", "MagCache", "MagnitudeCurve", "TaylorSeer", "adapter_of",
-           "cache_error", "cache_from_spec", "calibrate_cache", "disable_cache", "enable_cache", "full_steps",
-           "magnitude_curve", "make_cache", "with_cache"]
+           "cache_error", "cache_from_spec", "calibrate_cache", "check_cache_spec", "disable_cache", "enable_cache",
+           "full_steps", "magnitude_curve", "make_cache", "with_cache"]

@@ -18,7 +18,7 @@ from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser
 from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["Calibration", "cache_error", "cache_from_spec", "calibrate_cache", "magnitude_curve"]
+__all__ = ["Calibration", "cache_error", "cache_from_spec", "calibrate_cache", "check_cache_spec", "magnitude_curve"]
 
 
 @dataclass
@@ -149,3 +149,30 @@ def cache_from_spec(den: Denoiser, spec: str, *, solver: Any, steps: int, shape:
     if cal.method == "none":
         return den, cal
     return make_cache(den, cal.method, **cal.knobs), cal
+
+
+def check_cache_spec(den: Denoiser, spec: str) -> None:
+    """Raise the error :func:`cache_from_spec` would, without running anything: an unknown method, a method this
+    network cannot use, an unknown or bad knob, a non-positive ``target_error``. (A command line checks its caches
+    before the first experiment runs.)"""
+    from fewstep.spec import parse_spec
+
+    name, knobs = parse_spec(spec)
+    if name == "none":
+        return
+    inner = _network(den, "a cache")
+    if name == "auto":
+        _check_target(knobs.pop("target_error", 0.05))
+        method = knobs.pop("method", None)
+        if knobs:
+            raise TypeError(f"auto takes target_error and method; got {sorted(knobs)}")
+        if method is not None and method != "all":
+            if method not in METHODS:
+                raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
+            METHODS[method].adapter_for(inner.model)
+        return
+    if name not in METHODS:
+        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}, auto")
+    if name == "magcache" and "curve" not in knobs:
+        knobs["curve"] = MagnitudeCurve((0.0, 1.0), (1.0, 1.0))  # recorded at run time; checked for the knobs
+    METHODS[name](inner, **knobs)
