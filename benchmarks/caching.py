@@ -35,8 +35,8 @@ UNET_CACHES = ["deepcache:interval=3", "deepcache:interval=5", "encoder:interval
 DIT_CACHES = ["block:threshold=0.1", "block:threshold=0.2:order=1", "magcache:threshold=0.1",
               "magcache:threshold=0.3:max_skip=4", "taylorseer:interval=3", "taylorseer:interval=4",
               "taylorseer:interval=5:order=2", "auto:target_error=0.02:method=all"]
-DIT_PEERS = ["diffusers:fbcache:threshold=0.1", "diffusers:fbcache:threshold=0.2", "diffusers:taylorseer",
-             "diffusers:magcache"]
+DIT_PEERS = ["diffusers:fbcache:threshold=0.1", "diffusers:fbcache:threshold=0.2", "diffusers:fbcache:threshold=0.3",
+             "diffusers:pab", "diffusers:fastercache", "diffusers:seacache"]
 
 
 def _peers(den: Any, specs: list[str]) -> dict[str, Any]:

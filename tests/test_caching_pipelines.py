@@ -153,8 +153,10 @@ def test_flux_pipeline_with_diffusers_scheduler(sd3):
 def test_errors(sd):
     pipe = sd[0]
     before = _state(pipe.unet)
-    with pytest.raises(ValueError, match="calibrate"):
+    with pytest.raises(ValueError, match="runs the pipeline first"):
         enable_cache(pipe, "auto:target_error=0.05")
+    with pytest.raises(ValueError, match="target_error must be"):
+        enable_cache(pipe, "auto:target_error=-1", prompt_embeds=sd[1], num_inference_steps=4)
     with pytest.raises(ValueError, match="unknown cache 'nope'"):
         enable_cache(pipe, "nope")
     with pytest.raises(TypeError, match="cache 'deepcache'.*bogus"):
@@ -162,3 +164,39 @@ def test_errors(sd):
     with pytest.raises(TypeError, match="DiTTransformer2DModel"):
         enable_cache(pipe, "block:threshold=0.1")
     assert _state(pipe.unet) == before
+
+
+def test_auto_calibrates_by_running_the_pipeline(sd):
+    pipe, emb, neg = sd
+    pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m")
+    call = {"prompt_embeds": emb, "negative_prompt_embeds": neg, "num_inference_steps": 8, "height": 16,
+            "width": 16, "guidance_scale": GUIDANCE}
+    before = _state(pipe.unet)
+    handle = enable_cache(pipe, "auto:target_error=0.2:method=taylorseer", seeds=[1000, 1001], **call)
+    cal = handle.calibration
+    try:
+        assert {row[0] for row in cal.table} == {"taylorseer"} and len(cal.table) == 28
+        assert cal.method == "taylorseer" and cal.error_upper <= 0.2 and cal.work < 1
+        pipe(**call, generator=torch.Generator().manual_seed(3), output_type="latent")
+        assert handle.stats.mean_work == pytest.approx(cal.work, rel=1e-6)
+    finally:
+        disable_cache(pipe)
+    assert _state(pipe.unet) == before
+
+
+def test_magcache_records_its_curve_from_a_pipeline_run(sd3):
+    pipe, base, cond, uncond = sd3
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(base.config)
+    call = {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
+            "negative_prompt_embeds": uncond["encoder_hidden_states"],
+            "negative_pooled_prompt_embeds": uncond["pooled_projections"], "num_inference_steps": 10,
+            "guidance_scale": GUIDANCE, "height": 16, "width": 16}
+    plain = pipe(**call, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    handle = enable_cache(pipe, "magcache:threshold=0.0", seeds=[1000], **call)  # SD3 repeats no given pooled
+    assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(1), output_type="latent").images, plain)
+    handle = enable_cache(pipe, "magcache:threshold=2.0:retention=0", seeds=[1000], **call)
+    out = pipe(**call, generator=torch.Generator().manual_seed(1), output_type="latent").images
+    disable_cache(pipe)
+    curve = handle.recipe.magnitude.curve
+    assert len(curve.clocks) == 10 and max(curve.clocks) <= 1000  # one point per step, in the network's time input
+    assert handle.stats.reused > 0 and not torch.equal(out, plain)

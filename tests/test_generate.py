@@ -41,6 +41,8 @@ def test_generate_with_a_cache(sd_folder, tmp_path, capsys):
     assert "cache taylorseer:interval=3 reused 3 of 6 evaluations" in out
     with np.load(tmp_path / "plain.npz") as a, np.load(tmp_path / "exact.npz") as b, np.load(tmp_path / "ts.npz") as c:
         assert np.array_equal(a["latents"], b["latents"]) and not np.array_equal(a["latents"], c["latents"])
+    assert main([*argv, "--cache", "auto:target_error=0.3:method=taylorseer", "--out", str(tmp_path / "a.npz")]) == 0
+    assert "cache auto:target_error=0.3:method=taylorseer -> taylorseer:" in capsys.readouterr().out
 
 
 def test_seed_k_is_the_same_image_in_any_batch(sd_folder):
@@ -81,7 +83,7 @@ def test_pickled_component_is_refused(sd_folder, tmp_path):
     (["--prompt", "x", "--out", "nodir/x.png"], "does not exist"),
     (["--prompt", "x", "--height", "20", "--out", "x.png"], "multiple of 8"),
     (["--prompt", "x", "--solver", "f_ddim", "--out", "x.png"], "run it with fewstep.sample"),
-    (["--prompt", "x", "--cache", "auto:target_error=0.05", "--out", "x.png"], "give generate a method"),
+    (["--prompt", "x", "--cache", "auto:target_error=-0.05", "--out", "x.png"], "target_error must be"),
     (["--prompt", "x", "--cache", "deepcach", "--out", "x.png"], "unknown cache 'deepcach'"),
     (["--prompt", "x", "--cache", "block:threshold=0.1", "--out", "x.png"], "for a UNet2DConditionModel use"),
 ])

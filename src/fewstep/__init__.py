@@ -1,6 +1,7 @@
 """fewstep: fast training-free sampling for pretrained diffusion models."""
 
 from fewstep import grids, schedules
+from fewstep.caching import calibrate_cache, disable_cache, enable_cache, make_cache
 from fewstep.hooks import CostMeter, NFECounter, ProgressBar, Timer, TrajectoryRecorder
 from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
@@ -21,9 +22,13 @@ __all__ = [
     "Solver",
     "Timer",
     "TrajectoryRecorder",
+    "calibrate_cache",
+    "disable_cache",
+    "enable_cache",
     "from_diffusers",
     "grids",
     "invert",
+    "make_cache",
     "make_solver",
     "regenerate",
     "sample",

@@ -249,7 +249,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if cache != "none":
         from fewstep.caching import enable_cache
 
-        handle = enable_cache(pipe, cache)  # knobs are checked against the network before any sampling
+        call = {"prompt": args.prompt, "num_inference_steps": args.steps}
+        for key, value in (("negative_prompt", args.negative_prompt), ("guidance_scale", args.guidance),
+                           ("height", args.height), ("width", args.width)):
+            if value is not None:
+                call[key] = value
+        pipe.set_progress_bar_config(disable=True)
+        # knobs are checked against the network before any sampling; auto and magcache run the pipeline on the
+        # calibration seeds 1000-1003 first (never the output seeds)
+        handle = enable_cache(pipe, cache, **call)
     x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=args.steps, negative_prompt=args.negative_prompt,
                         guidance=args.guidance, height=args.height, width=args.width,
                         latents=out.suffix == ".npz", progress=not args.quiet)
@@ -267,6 +275,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     note = ""
     if handle is not None:
         st = handle.stats
+        if handle.calibration is not None:
+            cache = f"{cache} -> {handle.calibration.spec}"
         note = (f"; cache {cache} reused {st.reused} of {st.full + st.reused} evaluations, computed "
                 f"{100 * st.mean_work:.0f} % of the network")
     print(f"{len(args.seeds)} {what}, {args.solver} on the {args.grid} grid, {calls} network calls{note} -> {out}")
@@ -274,16 +284,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _check_pipeline_cache(spec: str) -> None:
-    """A pipeline cache spec names a method (``auto`` calibrates on denoisers, not pipelines)."""
+    """A pipeline cache spec names a method, ``auto`` or ``none`` (its knobs are checked against the network)."""
     from fewstep.caching import METHODS
+    from fewstep.caching.calibrate import _check_target
     from fewstep.spec import parse_spec
 
-    name, _ = parse_spec(spec)
+    name, knobs = parse_spec(spec)
     if name == "auto":
-        raise ValueError("--cache auto calibrates on fewstep denoisers (fewstep sample/bench, calibrate_cache); "
-                         "give generate a method, e.g. --cache taylorseer:interval=3")
-    if name != "none" and name not in METHODS:
-        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}")
+        _check_target(knobs.get("target_error", 0.05))
+    elif name != "none" and name not in METHODS:
+        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}, auto")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -422,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", type=_device, default="cpu", help="torch device (cpu)")
     gen.add_argument("--cache", default=None, help="feature cache on the pipeline's network: "
                      "taylorseer:interval=3:order=2, deepcache:interval=3, encoder:interval=2 (U-Nets), "
-                     "block:threshold=0.08 (transformers), none (default)")
+                     "block:threshold=0.08, magcache:threshold=0.1 (transformers), auto:target_error=0.05"
+                     "[:method=all] (calibrated by running the pipeline on seeds 1000-1003), none (default)")
     gen.add_argument("--out", required=True, help="output .png (RGB image grid) or .npz (undecoded latents)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)

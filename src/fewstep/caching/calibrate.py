@@ -69,11 +69,12 @@ def _check_target(target_error: Any) -> float:
     return float(target_error)
 
 
-def magnitude_curve(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[int], seeds: str = "1000-1003",
+def magnitude_curve(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[int], seeds: str = "1000-1127",
                     grid: str = "time_quadratic", cond: Cond = None) -> MagnitudeCurve:
     """The magnitude curve MagCache reads (:class:`~fewstep.caching.policies.MagnitudeCurve`): the mean token norm
     of the transformer's block-chain residual at each evaluation of one uncached run of ``solver`` over ``steps``
-    (on a few calibration ``seeds``; under guidance both branches, averaged per time)."""
+    (on the calibration ``seeds``, for which ``cond`` is given; under guidance both branches, averaged per
+    time)."""
     from fewstep.sample import sample
 
     record: list[tuple[float, float]] = []
@@ -121,7 +122,7 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[i
         cls = METHODS[name]
         extra: dict[str, Any] = {}
         if name == "magcache":
-            extra["curve"] = magnitude_curve(den, solver, steps, shape=shape, grid=grid, cond=cond)
+            extra["curve"] = magnitude_curve(den, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond)
         for knobs in cls.candidates(adapter_of(inner.model)):
             stats = CacheStats()
             cached = make_cache(den, name, context=ctx, **knobs, **extra)

@@ -46,7 +46,7 @@ class SpecContext:
     shape: tuple[int, ...]
     grid: str = "time_quadratic"
     cond: Cond = None
-    seeds: str = "1000-1003"
+    seeds: str = "1000-1127"  # the calibration seeds: conditioning given per sample is built for them
 
 
 class FeatureCache(Denoiser):

@@ -11,17 +11,21 @@ guidance pass keeps per-sample state within its batch. :func:`disable_cache` put
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fewstep.caching.adapters import adapter_of
+from fewstep.caching.calibrate import Calibration
 from fewstep.caching.engines import _Engine, _Meters
 from fewstep.caching.methods import METHODS, FeatureCache
+from fewstep.caching.policies import MagnitudeCurve
 from fewstep.caching.stats import CacheStats
 from fewstep.models.families import family_of
 
-__all__ = ["PipelineCache", "disable_cache", "enable_cache"]
+__all__ = ["PipelineCache", "calibrate_pipeline_cache", "disable_cache", "enable_cache", "pipeline_magnitude_curve"]
 
 _ENABLED: weakref.WeakKeyDictionary[torch.nn.Module, PipelineCache] = weakref.WeakKeyDictionary()
 
@@ -46,6 +50,7 @@ class PipelineCache:
     _last_raw: Any = None
     _branch: int = 0
     _step: int = 0
+    calibration: Calibration | None = None  # what ``auto`` chose and measured
 
     def block(self, position: Any, block: torch.nn.Module, call: Any) -> Any:
         if self._current is None:  # called outside the network's forward (not by the pipeline)
@@ -90,27 +95,48 @@ class PipelineCache:
         return self.method.adapter_for(self.net)
 
 
-def enable_cache(pipe: Any, spec: str) -> PipelineCache:
-    """Put the cache ``spec`` (``"block:threshold=0.08"``, ``"taylorseer:interval=4"``, ``"deepcache:interval=3"``,
+def enable_cache(pipe: Any, spec: str, *, seeds: Sequence[int] = (1000, 1001, 1002, 1003),
+                 **call: Any) -> PipelineCache:
+    """Put the cache ``spec`` (``"block:threshold=0.08"``, ``"taylorseer:interval=3"``, ``"deepcache:interval=3"``,
     ``"none"``) on ``pipe.unet`` / ``pipe.transformer``; works with fewstep's and diffusers' schedulers. Replaces a
     cache enabled before. Returns the handle (``.stats``: reuse and work of the latest run).
 
-    MagCache needs a curve recorded on a run of the same solver (:func:`~fewstep.caching.magnitude_curve` on a
-    Denoiser); ``auto`` calibrates on Denoisers (:func:`~fewstep.caching.calibrate_cache`) — pass its choice
-    (``Calibration.spec``) here."""
+    Two specs run the pipeline first, with the keywords ``call`` of the calls the cache will serve (``prompt=``,
+    ``num_inference_steps=``, ``guidance_scale=``, ...) on the calibration ``seeds``: ``"magcache:..."`` records its
+    magnitude curve from one uncached run, and ``"auto:target_error=0.05[:method=...]"`` picks the cheapest setting
+    whose latents stay within the target of the uncached ones (:func:`calibrate_pipeline_cache`)."""
     from fewstep.pipelines import denoising_network
     from fewstep.spec import parse_spec
 
     net = denoising_network(pipe)
     name, knobs = parse_spec(spec)
-    if name == "auto":
-        raise ValueError("enable_cache takes a chosen cache; calibrate with fewstep.calibrate_cache on the "
-                         "pipeline's denoiser and pass Calibration.spec")
-    if name != "none" and name not in METHODS:
-        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}")
+    if name != "none" and name != "auto" and name not in METHODS:
+        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}, auto")
+    needs_run = name == "auto" or (name == "magcache" and "curve" not in knobs)
+    if needs_run and not call:
+        raise ValueError(f"{name} runs the pipeline first: pass the keywords of the calls it will serve, e.g. "
+                         f"enable_cache(pipe, {spec!r}, prompt='...', num_inference_steps=28)")
     disable_cache(pipe)
     if name == "none":
         return PipelineCache(pipe, net, METHODS["deepcache"], None, spec)
+    if name == "auto":
+        from fewstep.caching.calibrate import _check_target
+
+        target = _check_target(knobs.pop("target_error", 0.05))
+        cal = calibrate_pipeline_cache(pipe, target_error=target, seeds=seeds, **knobs, **call)
+        if cal.method == "none":
+            handle = PipelineCache(pipe, net, METHODS["deepcache"], None, spec)
+        else:
+            handle = _enable(pipe, net, cal.method, dict(cal.knobs), spec)
+        handle.calibration = cal
+        return handle
+    if needs_run:
+        METHODS[name].adapter_for(net)  # refuses a network this method cannot use, before the run
+        knobs["curve"] = pipeline_magnitude_curve(pipe, seeds=seeds, **call)
+    return _enable(pipe, net, name, knobs, spec)
+
+
+def _enable(pipe: Any, net: torch.nn.Module, name: str, knobs: dict[str, Any], spec: str) -> PipelineCache:
     cls = METHODS[name]
     adapter = cls.adapter_for(net)
     try:
@@ -136,3 +162,81 @@ def disable_cache(pipe: Any) -> None:
     for h in handle._handles:
         h.remove()
     handle.adapter.unwrap(net, handle._original)
+
+
+def _latents(pipe: Any, seeds: Sequence[int], call: dict[str, Any]) -> torch.Tensor:
+    """The pipeline's undecoded latents, one generator per seed."""
+    device = getattr(pipe, "device", "cpu")
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    kwargs = {"num_images_per_prompt": len(seeds), **call, "generator": generators, "output_type": "latent"}
+    with torch.no_grad():
+        return pipe(**kwargs).images
+
+
+def pipeline_magnitude_curve(pipe: Any, *, seeds: Sequence[int] = (1000, 1001, 1002, 1003),
+                             **call: Any) -> MagnitudeCurve:
+    """MagCache's curve recorded on one uncached run of the pipeline called with ``call`` (its clock: the
+    network's timestep input, as the pipeline feeds it)."""
+    from fewstep.caching.methods import _Recorder
+    from fewstep.pipelines import denoising_network
+
+    net = denoising_network(pipe)
+    record: list[tuple[float, float]] = []
+    disable_cache(pipe)
+    adapter = _Recorder.adapter_for(net)
+    handle = PipelineCache(pipe, net, _Recorder, _Recorder.make_recipe(adapter, net, record=record), "record")
+    handle._original = adapter.wrap_in_place(net, handle)
+    handle._handles = [net.register_forward_pre_hook(handle._pre, with_kwargs=True),
+                       net.register_forward_hook(handle._post)]
+    _ENABLED[net] = handle
+    try:
+        _latents(pipe, seeds, call)
+    finally:
+        disable_cache(pipe)
+    by_clock: dict[float, list[float]] = {}
+    for clock, norm in record:
+        by_clock.setdefault(clock, []).append(norm)
+    clocks = sorted(by_clock)
+    return MagnitudeCurve(tuple(clocks), tuple(sum(by_clock[c]) / len(by_clock[c]) for c in clocks))
+
+
+def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | None = None,
+                             seeds: Sequence[int] = (1000, 1001, 1002, 1003), **call: Any) -> Calibration:
+    """:func:`~fewstep.caching.calibrate_cache` for a pipeline: runs ``pipe(**call)`` on the calibration ``seeds``
+    uncached and with every candidate setting of ``method`` (``None``: DeepCache for U-Nets, the first-block cache
+    for transformers; ``"all"``: every method the network supports) and returns the cheapest whose latents stay
+    within ``target_error`` (mean per-sample relative error, held to its bootstrap 90th percentile)."""
+    from fewstep.caching.calibrate import _check_target, _rel_err
+    from fewstep.pipelines import denoising_network
+
+    target = _check_target(target_error)
+    net = denoising_network(pipe)
+    adapter = adapter_of(net)
+    if method is None:
+        names = ["deepcache" if adapter.kind == "unet" else "block"]
+    elif method == "all":
+        names = [n for n, c in METHODS.items() if adapter.kind in c.kinds]
+    elif method in METHODS:
+        METHODS[method].adapter_for(net)
+        names = [method]
+    else:
+        raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
+    disable_cache(pipe)
+    exact = _latents(pipe, seeds, call)
+    table = []
+    for name in names:
+        extra: dict[str, Any] = {}
+        if name == "magcache":
+            extra["curve"] = pipeline_magnitude_curve(pipe, seeds=seeds, **call)
+        for knobs in METHODS[name].candidates(adapter):
+            handle = _enable(pipe, net, name, {**knobs, **extra}, name)
+            try:
+                out = _latents(pipe, seeds, call)
+            finally:
+                disable_cache(pipe)
+            table.append((name, {**knobs, **extra}, *_rel_err(out, exact), handle.stats.mean_work))
+    ok = [row for row in table if row[3] <= target]
+    if not ok:
+        return Calibration("none", {}, 0.0, 0.0, 1.0, table)
+    name, knobs, err, upper, work = min(ok, key=lambda row: (row[4], row[3]))
+    return Calibration(name, knobs, err, upper, work, table)
