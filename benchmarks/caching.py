@@ -28,6 +28,7 @@ from fewstep import ClassifierFreeGuidance, make_solver, sample
 from fewstep.bench import DigitsFD, Experiment, ResultStore, rmse_per_sample
 from fewstep.bench.runner import Context
 from fewstep.caching import CacheStats, cache_error, cache_from_spec
+from fewstep.models.base import Cond, Denoiser, Run
 
 UNET_CACHES = ["deepcache:interval=3", "deepcache:interval=5", "encoder:interval=3",
                "taylorseer:interval=3:order=2", "taylorseer:interval=4:order=2", "taylorseer:interval=2",
@@ -35,8 +36,23 @@ UNET_CACHES = ["deepcache:interval=3", "deepcache:interval=5", "encoder:interval
 DIT_CACHES = ["block:threshold=0.1", "block:threshold=0.2:order=1", "magcache:threshold=0.1",
               "magcache:threshold=0.3:max_skip=4", "taylorseer:interval=3", "taylorseer:interval=4",
               "taylorseer:interval=5:order=2", "auto:target_error=0.02:method=all"]
+SHARED = ["block:threshold=0.1", "taylorseer:interval=3"]
 DIT_PEERS = ["diffusers:fbcache:threshold=0.1", "diffusers:fbcache:threshold=0.2", "diffusers:fbcache:threshold=0.3",
              "diffusers:pab", "diffusers:fastercache", "diffusers:seacache"]
+
+
+class _SharedState(Denoiser):
+    """Guidance whose two branches share one cache state (fewstep before one state per branch): for comparison."""
+
+    def __init__(self, guided: ClassifierFreeGuidance) -> None:
+        self.guided, self.schedule = guided, guided.schedule
+
+    def for_run(self, run: Run) -> Denoiser:
+        g = self.guided
+        return ClassifierFreeGuidance(g.inner.for_run(run), g.scale, uncond=g.uncond)
+
+    def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
+        raise TypeError("call it through fewstep.sample()")
 
 
 def _peers(den: Any, specs: list[str]) -> dict[str, Any]:
@@ -94,6 +110,11 @@ def main() -> None:
                     notes[spec] = cal.spec
             peers = _peers(base_den, DIT_PEERS if is_dit else []) if args.guidance is None else {}
             dens.update(peers)
+            if args.guidance is not None:  # what one state per branch buys: the same caches with one shared state
+                for spec in SHARED:
+                    cached, _ = cache_from_spec(den, spec, solver=solver, steps=steps, shape=shape, cond=cal_cond)
+                    assert isinstance(cached, ClassifierFreeGuidance)
+                    dens[f"{spec} (one state for both branches)"] = _SharedState(cached)
             times: dict[str, list[float]] = {k: [] for k in dens}
             outs, works = {}, {}
             for _ in range(args.repeats):

@@ -22,7 +22,7 @@ import diffusers
 import torch
 
 from fewstep import from_diffusers, sample
-from fewstep.caching import CacheStats, cache_from_spec
+from fewstep.caching import CacheStats, cache_from_spec, magnitude_curve, make_cache
 
 DDPM = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
         "beta_start": 0.00085, "beta_end": 0.012}
@@ -77,11 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default=None, help="comma-separated class names to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| model | params (M) | cache | work computed | block work skipped | time (s) | speedup |")
+    print("| model | params (M) | cache | work computed | work skipped | time (s) | speedup |")
     print("|---|---|---|---|---|---|---|")
     for name, net, config, cond, shape in models():
+        if args.models and not any(m in name for m in args.models.split(",")):
+            continue
         net.eval()
         den = from_diffusers(net, config, image_seq_len=(shape[1] // 2) * (shape[2] // 2)) if config is FLOW \
             else from_diffusers(net, config)
@@ -89,6 +92,11 @@ def main() -> None:
         specs = UNET if name.startswith("SDXL") else CHAIN
         dens: dict[str, Any] = {"none": den}
         for spec in specs:
+            if spec.startswith("magcache"):  # its curve from two seeds (the conditioning is one prompt)
+                curve = magnitude_curve(den, "dpmpp_2m", args.steps, shape=shape, seeds="1000-1001", cond=cond)
+                spec_den = make_cache(den, "magcache", curve=curve, threshold=float(spec.split("=")[1]))
+                dens[spec] = spec_den
+                continue
             dens[spec], _ = cache_from_spec(den, spec, solver="dpmpp_2m", steps=args.steps, shape=shape, cond=cond)
         times: dict[str, list[float]] = {k: [] for k in dens}
         works: dict[str, float] = {}

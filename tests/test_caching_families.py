@@ -197,6 +197,8 @@ def test_clear_errors(dens):
         BlockCache(unet)
     with pytest.raises(ValueError, match="curve"):
         MagCache(dit)
+    with pytest.raises(TypeError, match="goes under the guidance"):
+        BlockCache(ClassifierFreeGuidance(dit, 4.0))
     with pytest.raises(TypeError, match="cache 'taylorseer'.*bogus"):
         TaylorSeer(dit, bogus=1)
     with pytest.raises(ValueError, match="order"):

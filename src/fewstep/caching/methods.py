@@ -138,6 +138,9 @@ class _CachedRun(Denoiser):
 
 
 def model_denoiser(den: Denoiser, who: str) -> ModelDenoiser:
+    if isinstance(den, ClassifierFreeGuidance):
+        raise TypeError(f"{who} goes under the guidance, around the network: ClassifierFreeGuidance({who}(den, ...), "
+                        f"scale), or make_cache(guided, ...) which puts it there")
     if not isinstance(den, ModelDenoiser):
         raise TypeError(f"{who} wraps a fewstep ModelDenoiser around a diffusers network (e.g. from_diffusers or "
                         f"fewstep.zoo.load); got {type(den).__name__}")
