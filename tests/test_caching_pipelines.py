@@ -2,20 +2,17 @@
 schedulers. A pipeline with a cache gives the samples of ``fewstep.sample`` with the same cache under guidance;
 a cache that never reuses changes nothing; ``disable_cache`` leaves the network as it was."""
 
+import diffusers
 import pytest
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+import tiny_pipelines as tiny
+from fewstep import ClassifierFreeGuidance, from_diffusers, sample
+from fewstep.caching import BlockCache, CacheStats, DeepCache, TaylorSeer, disable_cache, enable_cache
+from fewstep.scheduler import FewstepScheduler
 
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-
-import tiny_pipelines as tiny  # noqa: E402
-from fewstep import ClassifierFreeGuidance, from_diffusers, sample  # noqa: E402
-from fewstep.caching import BlockCache, CacheStats, DeepCache, TaylorSeer, disable_cache, enable_cache  # noqa: E402
-from fewstep.scheduler import FewstepScheduler  # noqa: E402
-
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}  # Stable Diffusion's betas
 GUIDANCE = 3.0
 
 
@@ -88,25 +85,14 @@ def test_no_reuse_changes_nothing_with_any_scheduler_and_disable_restores(sd, ma
 
 @pytest.fixture(scope="module")
 def sd3():
-    torch.manual_seed(0)
-    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=tiny.sd3_transformer(layers=3), scheduler=base, vae=tiny.vae(), text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
-    uncond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
-    return pipe, base, cond, uncond
+    return tiny.sd3_pipeline(layers=3)
 
 
 def run_sd3(sd3, scheduler, steps=8):
     pipe, _, cond, uncond = sd3
     pipe.scheduler = scheduler
-    return pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-                negative_prompt_embeds=uncond["encoder_hidden_states"],
-                negative_pooled_prompt_embeds=uncond["pooled_projections"], num_inference_steps=steps,
-                guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(1),
-                height=16, width=16).images
+    return pipe(**tiny.sd3_call(cond, uncond, steps=steps, guidance=GUIDANCE), output_type="latent",
+                generator=torch.Generator().manual_seed(1)).images
 
 
 @pytest.mark.parametrize(("spec", "make"), [("taylorseer:interval=3:order=1", lambda d: TaylorSeer(d, interval=3)),
@@ -187,10 +173,7 @@ def test_auto_calibrates_by_running_the_pipeline(sd):
 def test_magcache_records_its_curve_from_a_pipeline_run(sd3):
     pipe, base, cond, uncond = sd3
     pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(base.config)
-    call = {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
-            "negative_prompt_embeds": uncond["encoder_hidden_states"],
-            "negative_pooled_prompt_embeds": uncond["pooled_projections"], "num_inference_steps": 10,
-            "guidance_scale": GUIDANCE, "height": 16, "width": 16}
+    call = tiny.sd3_call(cond, uncond, steps=10, guidance=GUIDANCE)
     plain = pipe(**call, generator=torch.Generator().manual_seed(1), output_type="latent").images
     handle = enable_cache(pipe, "magcache:threshold=0.0", seeds=[1000], **call)  # SD3 repeats no given pooled
     assert torch.equal(pipe(**call, generator=torch.Generator().manual_seed(1), output_type="latent").images, plain)

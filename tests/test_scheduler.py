@@ -205,26 +205,14 @@ def test_errors():
 
 @pytest.fixture(scope="module")
 def sd3():
-    torch.manual_seed(0)
-    net = tiny.sd3_transformer()
-    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=net, scheduler=base, vae=tiny.vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
-        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
-    uncond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
-    return pipe, base, cond, uncond
+    return tiny.sd3_pipeline()
 
 
 def run_sd3(sd3, scheduler, steps=5):
     pipe, _, cond, uncond = sd3
     pipe.scheduler = scheduler
-    return pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-                negative_prompt_embeds=uncond["encoder_hidden_states"],
-                negative_pooled_prompt_embeds=uncond["pooled_projections"], num_inference_steps=steps,
-                guidance_scale=GUIDANCE, output_type="latent", generator=torch.Generator().manual_seed(1),
-                height=16, width=16).images
+    return pipe(**tiny.sd3_call(cond, uncond, steps=steps, guidance=GUIDANCE), output_type="latent",
+                generator=torch.Generator().manual_seed(1)).images
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "heun", "unipc", "dpmpp_3m"])

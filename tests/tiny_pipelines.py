@@ -101,3 +101,27 @@ def dit_transformer() -> diffusers.DiTTransformer2DModel:
     return diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
         patch_size=2, norm_num_groups=2, num_embeds_ada_norm=1000).eval()
+
+
+def sd3_pipeline(layers: int = 1) -> tuple[diffusers.StableDiffusion3Pipeline,
+                                           diffusers.FlowMatchEulerDiscreteScheduler, dict, dict]:
+    """A StableDiffusion3Pipeline without text encoders (embeddings passed directly) on :func:`sd3_transformer`,
+    FlowMatch shift 3; returns ``(pipe, scheduler, cond, uncond)`` with random prompt embeddings (seeded 0)."""
+    torch.manual_seed(0)
+    net = sd3_transformer(layers)
+    base = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=net, scheduler=base, vae=vae(), text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 5, 12), "pooled_projections": torch.randn(1, 12)}
+    return pipe, base, cond, uncond
+
+
+def sd3_call(cond: dict, uncond: dict, *, steps: int, guidance: float) -> dict:
+    """The keywords of a guided 16x16 SD3 pipeline call with the embeddings of :func:`sd3_pipeline`."""
+    return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
+            "negative_prompt_embeds": uncond["encoder_hidden_states"],
+            "negative_pooled_prompt_embeds": uncond["pooled_projections"], "num_inference_steps": steps,
+            "guidance_scale": guidance, "height": 16, "width": 16}
