@@ -223,3 +223,47 @@ def test_the_original_network_is_never_modified(dens):
     assert before == after
     assert set(METHODS) == {"deepcache", "encoder", "block", "taylorseer", "magcache"}
     assert isinstance(net, diffusers.FluxTransformer2DModel)
+
+
+def test_forecasts_survive_repeated_times_and_float16():
+    """Heun evaluates twice at one time (corrector, next predictor): a zero-width difference is no derivative.
+    float16 features keep float32 Taylor tables (dt^2 / 2 reaches 5e5 on a 0-1000 clock)."""
+    from fewstep.caching.policies import Forecast
+
+    def q(c):
+        return 3.0 * c * c + 2.0 * c + 1.0
+
+    f = Forecast(2)
+    for c in (900.0, 800.0, 800.0, 700.0):
+        f.update(None, (torch.full((1, 2), q(c), dtype=torch.float64),), torch.tensor([c]), 1)
+    # TaylorSeer's forecast from the three distinct times, step h = -100: backward differences over h, h^2
+    h, dt = -100.0, -100.0
+    d1, d2 = q(700) - q(800), q(700) - 2 * q(800) + q(900)
+    want = q(700) + d1 / h * dt + d2 / h ** 2 * dt ** 2 / 2
+    assert float(f.predict(None, torch.tensor([600.0]))[0][0, 0]) == pytest.approx(want, rel=1e-12)
+    h = Forecast(2)
+    for c in (999.0, 899.0, 799.0):
+        h.update(None, (torch.full((1, 2), c / 100, dtype=torch.float16),), torch.tensor([c]), 1)
+    out = h.predict(None, torch.tensor([399.0]), like=(torch.zeros(1, dtype=torch.float16),))[0]
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and abs(float(out[0, 0]) - 3.99) < 0.05
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpm_solver_2"])
+def test_taylorseer_with_two_evaluations_per_step(dens, solver):
+    den = dens["DiTTransformer2DModel"]
+    base = _run("DiTTransformer2DModel", den, solver, steps=10)
+    out = _run("DiTTransformer2DModel", TaylorSeer(den, interval=3, order=2, warmup=3), solver, steps=10)
+    assert torch.isfinite(out).all() and float(cache_error(out, base).mean()) < 0.05
+
+
+def test_a_network_whose_forward_was_replaced_is_refused(dens):
+    import functools
+
+    den = dens["UNet2DModel"]
+    net = den.model
+    net.forward = functools.partial(type(net).forward, net)  # what offloading hooks do
+    try:
+        with pytest.raises(TypeError, match="forward was replaced"):
+            _run("UNet2DModel", DeepCache(den, interval=2))
+    finally:
+        del net.forward

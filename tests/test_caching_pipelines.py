@@ -183,3 +183,97 @@ def test_magcache_records_its_curve_from_a_pipeline_run(sd3):
     curve = handle.recipe.magnitude.curve
     assert len(curve.clocks) == 10 and max(curve.clocks) <= 1000  # one point per step, in the network's time input
     assert handle.stats.reused > 0 and not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler"])
+def test_schedulers_that_do_not_count_steps_still_reuse(sd, name):
+    """DDIM, DDPM and PNDM have no step_index: an evaluation is a change of timestep (every call was taken for a
+    new guidance branch at step 0 before, and nothing was ever reused)."""
+    pipe = sd[0]
+    scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    handle = enable_cache(pipe, "deepcache:interval=3")
+    try:
+        run_sd(sd, scheduler, steps=10)
+    finally:
+        disable_cache(pipe)
+    calls = handle.stats.full + handle.stats.reused
+    assert calls == len(scheduler.timesteps) and handle.stats.reused >= calls // 2
+    if name != "PNDMScheduler":  # PNDM evaluates its first timestep twice
+        assert handle.stats.reused_steps == [1, 2, 4, 5, 7, 8]
+
+
+def test_img2img_counts_steps_from_where_the_run_starts(sd):
+    """strength 0.5 starts at step 5 of 10: warmup and the schedule count from the run's first evaluation."""
+    pipe0 = sd[0]
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=pipe0.vae, text_encoder=None, tokenizer=None, unet=pipe0.unet,
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(pipe0.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    handle = enable_cache(pipe, "taylorseer:interval=4:warmup=2")
+    try:
+        pipe(prompt_embeds=sd[1], negative_prompt_embeds=sd[2], image=torch.rand(1, 3, 16, 16), strength=0.5,
+             num_inference_steps=10, guidance_scale=GUIDANCE, output_type="latent",
+             generator=torch.Generator().manual_seed(1))
+    finally:
+        disable_cache(pipe)
+    assert handle.stats.steps == [(0, False), (1, False), (2, True), (3, True), (4, False)]
+
+
+def test_networks_that_change_their_input_in_place_do_not_change_the_cache(sd):
+    """FreeU scales an up block's input in place; reused features are handed out as copies, and FreeU set while a
+    cache is on reaches the real blocks."""
+    pipe = sd[0]
+    scheduler = FewstepScheduler.from_config(pipe.scheduler.config, solver="ddim")
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+    try:
+        with_freeu = run_sd(sd, scheduler, steps=6)
+        pipe.disable_freeu()
+        enable_cache(pipe, "deepcache:interval=1")
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)  # through the cache's block wrappers
+        assert torch.equal(run_sd(sd, scheduler, steps=6), with_freeu)
+        seen = []
+        enable_cache(pipe, "encoder:interval=6:schedule=uniform")
+        block = pipe.unet.up_blocks[0].real
+        hook = block.register_forward_pre_hook(lambda m, a, k: seen.append(float(k["hidden_states"].norm())),
+                                               with_kwargs=True)
+        run_sd(sd, scheduler, steps=6)
+        hook.remove()
+        assert len(seen) == 6 and len(set(seen)) == 1  # the mid block's output of step 0, never scaled again
+    finally:
+        disable_cache(pipe)
+        pipe.disable_freeu()
+
+
+def test_a_forward_that_raises_leaves_no_hooks_and_the_pipeline_can_be_collected(sd):
+    import gc
+    import weakref
+
+    pipe0 = sd[0]
+    unet = tiny.sd_unet()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=pipe0.vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=pipe0.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    before = {n: len(m._forward_hooks) for n, m in unet.named_modules()}
+    keys = list(unet.state_dict())
+    enable_cache(pipe, "deepcache:interval=2")
+    assert list(unet.state_dict()) == keys  # the wrapped blocks are invisible to state dicts and LoRA loaders
+    calls = []
+
+    def fail(*_):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    h = unet.up_blocks[1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sd((pipe, *sd[1:]), FewstepScheduler.from_config(pipe0.scheduler.config, solver="ddim"), steps=4)
+    h.remove()
+    disable_cache(pipe)
+    assert {n: len(m._forward_hooks) for n, m in unet.named_modules()} == before
+    ref = weakref.ref(pipe)
+    enable_cache(pipe, "deepcache:interval=2")
+    del pipe, unet
+    gc.collect()
+    assert ref() is None

@@ -48,3 +48,29 @@ def test_scheduler_in_a_pipeline_on_cuda():
                          generator=torch.Generator("cuda").manual_seed(1), height=16, width=16).images.float())
     assert outs[1].device.type == "cuda" and torch.isfinite(outs[1]).all()
     assert float((outs[0] - outs[1]).abs().max() / outs[0].abs().max()) < 1e-2  # float16
+
+
+@pytest.mark.parametrize("spec", ["block:threshold=0.3", "block:threshold=0.3:order=1", "taylorseer:interval=3",
+                                  "deepcache:interval=3"])
+def test_caches_on_cuda_match_cpu(spec):
+    """Per-sample reuse masks, forecasts and stored features on the model's device; float64 so CPU and GPU
+    decisions agree."""
+    from fewstep import sample, zoo
+    from fewstep.caching import cache_from_spec
+
+    name = "unet_m" if spec.startswith("deepcache") else "dit_s"
+    den = zoo.load(name)
+    cond = {"class_labels": torch.arange(8) % 10} if name == "dit_s" else None
+    kw = {"shape": (1, 8, 8), "seeds": "0-7", "dtype": torch.float64, "cond": cond}
+    cached, _ = cache_from_spec(den, spec, solver="dpmpp_2m", steps=12, shape=(1, 8, 8))
+    den.model.to(torch.float64)
+    den.dtype = torch.float64
+    cpu = sample(cached, "dpmpp_2m", 12, **kw)
+    den.model.to("cuda")
+    try:
+        gpu = sample(cached, "dpmpp_2m", 12, device="cuda", **{**kw, "cond": cond and {"class_labels":
+                                                                                      cond["class_labels"].cuda()}})
+    finally:
+        den.model.to("cpu", torch.float32)
+        den.dtype = torch.float32
+    assert gpu.device.type == "cuda" and float((gpu.cpu() - cpu).abs().max()) < 1e-6

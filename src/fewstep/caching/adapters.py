@@ -71,24 +71,45 @@ def _slice(value: Any, index: torch.Tensor, batch: int) -> Any:
 
 
 class CachedBlock(torch.nn.Module):
-    """A block whose calls go through a cache engine. Attributes the network reads from its blocks (DiT's head
-    reads ``transformer_blocks[0].norm1``) are those of the real block."""
+    """A block whose calls go through a cache engine, transparent to everything else: it shares the real block's
+    parameter, buffer and submodule tables (so ``state_dict`` keys, ``named_modules``, attention processors, LoRA
+    loading and ``.to()`` see the block as before), attribute reads fall through to the real block (DiT's head reads
+    ``transformer_blocks[0].norm1``) and attribute writes go to it (FreeU sets ``b1`` on up blocks)."""
 
     def __init__(self, block: torch.nn.Module, position: Any, engine: Engine, takes: tuple[str, ...],
                  unbatched: frozenset[str]) -> None:
         super().__init__()
-        self.block = block
-        object.__setattr__(self, "_cache", (position, engine, takes, unbatched))  # not a submodule
+        own = self.__dict__
+        own["_parameters"], own["_buffers"], own["_modules"] = block._parameters, block._buffers, block._modules
+        own["_non_persistent_buffers_set"] = block._non_persistent_buffers_set
+        own["training"] = block.training
+        own["_cache"] = (block, position, engine, takes, unbatched)
+
+    @property
+    def real(self) -> torch.nn.Module:
+        return self.__dict__["_cache"][0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        position, engine, takes, unbatched = self._cache
-        return engine.block(position, self.block, BlockCall(args, kwargs, takes, unbatched))
+        block, position, engine, takes, unbatched = self.__dict__["_cache"]
+        return engine.block(position, block, BlockCall(args, kwargs, takes, unbatched))
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["block"], name)
+            return getattr(self.__dict__["_cache"][0], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            super().__setattr__(name, value)
+            return
+        setattr(cache[0], name, value)
+        if name == "training":
+            self.__dict__["training"] = value
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self.__dict__["_cache"][0], name)
 
 
 def _names(blocks: Blocks) -> tuple[str, ...]:
@@ -163,8 +184,17 @@ class BlockAdapter:
     def wrap(self, net: torch.nn.Module, engine: Engine) -> torch.nn.Module:
         """A shallow copy of ``net`` (same parameters and submodules) whose block lists go through ``engine``;
         ``net`` itself is not modified."""
+        if "forward" in net.__dict__:
+            raise TypeError(f"this {type(net).__name__}'s forward was replaced on the instance (group offloading, "
+                            f"accelerate's cpu offload or another hook library): a per-run copy would bypass it. "
+                            f"Put the cache on the pipeline with fewstep.enable_cache(pipe, ...), or cache before "
+                            f"offloading")
         clone = copy.copy(net)
         clone._modules = dict(net._modules)  # the copy's own module table: the original keeps its blocks
+        for table in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            if table in net.__dict__:  # hooks registered on the copy stay on the copy
+                clone.__dict__[table] = copy.copy(net.__dict__[table])
         for attr, module in self._wrapped_lists(net, engine).items():
             clone._modules[attr] = module
         return clone
@@ -183,7 +213,7 @@ class BlockAdapter:
 
 
 def _real(block: Any) -> Any:
-    return block._modules["block"] if isinstance(block, CachedBlock) else block
+    return block.real if isinstance(block, CachedBlock) else block
 
 
 _UNET_REFUSED = ("down_block_additional_residuals", "mid_block_additional_residual",

@@ -132,11 +132,11 @@ class UNetEngine(_Engine):
         if self.reuse and position in r.skip:
             self.skipped[position] = 1.0
             if position == r.forecast_at and r.order > 0:
-                return self.forecast.predict(None, self.clock)[0]
-            return self.store[position]
+                return self.forecast.predict(None, self.clock, like=(self.store[position],))[0]
+            return _clone(self.store[position])  # the network may change what it gets in place (FreeU)
         out = call.run(block)
         if not self.reuse and position in r.skip:
-            self.store[position] = out
+            self.store[position] = _clone(out)  # before a later block changes it in place
             self.stored_batch = self.batch
             if position == r.forecast_at and r.order > 0:
                 self.forecast.update(None, (out,), self.clock, self.batch)
@@ -163,6 +163,14 @@ class ChainRecipe:
 
     def engine(self, net: torch.nn.Module, adapter: BlockAdapter, meters: _Meters) -> ChainEngine:
         return ChainEngine(self, net, adapter, meters)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_clone(v) for v in value)
+    return value
 
 
 def _streams(out: Any) -> Streams:
@@ -233,7 +241,7 @@ class ChainEngine(_Engine):
             self.skipped[position] = 1.0
             inputs = self._inputs(call)
             if position == 0:
-                return _pack(_plus(inputs, self.forecast.predict(None, self.clock)))
+                return _pack(_plus(inputs, self.forecast.predict(None, self.clock, like=inputs)))
             return _pack(inputs)
         if position == 0:
             self.first_in = self._inputs(call)
@@ -273,7 +281,7 @@ class ChainEngine(_Engine):
             if position == 1:
                 idx = reuse.nonzero().flatten()
                 kept = tuple(x if x is None else x.clone() for x in inputs)
-                pred = self.forecast.predict(idx, self.clock)
+                pred = self.forecast.predict(idx, self.clock, like=kept)
                 for x, p in zip(kept, pred, strict=True):
                     if x is not None and p is not None:
                         x[idx.to(x.device)] = x[idx.to(x.device)] + p

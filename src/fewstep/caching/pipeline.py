@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,69 +29,92 @@ __all__ = ["PipelineCache", "calibrate_pipeline_cache", "disable_cache", "enable
 _ENABLED: weakref.WeakKeyDictionary[torch.nn.Module, PipelineCache] = weakref.WeakKeyDictionary()
 
 
-@dataclass(eq=False)
 class PipelineCache:
-    """A cache enabled on a pipeline's network; ``stats`` counts the evaluations of the latest run."""
+    """A cache enabled on a pipeline's network; ``stats`` counts the evaluations of the latest run, ``calibration``
+    says what ``auto`` chose. Holds the pipeline and its network weakly: enabling a cache never keeps them alive."""
 
-    pipe: Any
-    net: torch.nn.Module
-    method: type[FeatureCache]
-    recipe: Any
-    spec: str
-    stats: CacheStats = field(default_factory=CacheStats)
-    _original: dict[str, Any] = field(default_factory=dict)
-    _handles: list[Any] = field(default_factory=list)
-    _meters: _Meters = field(default_factory=_Meters)
-    _engines: dict[int, _Engine] = field(default_factory=dict)
-    _current: _Engine | None = None
-    _timesteps: Any = None
-    _last_index: int | None = None
-    _last_raw: Any = None
-    _branch: int = 0
-    _step: int = 0
-    calibration: Calibration | None = None  # what ``auto`` chose and measured
+    def __init__(self, pipe: Any, net: torch.nn.Module, method: type[FeatureCache], recipe: Any, spec: str) -> None:
+        self._pipe, self._net = weakref.ref(pipe), weakref.ref(net)
+        self.method, self.recipe, self.spec = method, recipe, spec
+        self.stats = CacheStats()
+        self.calibration: Calibration | None = None
+        self._original: dict[str, Any] = {}
+        self._handles: list[Any] = []
+        self._meters = _Meters()
+        self._engines: dict[int, _Engine] = {}
+        self._current: _Engine | None = None
+        self._timesteps: Any = None
+        self._last_key: Any = None
+        self._branch = self._count = self._step = 0
+
+    @property
+    def pipe(self) -> Any:
+        return self._pipe()
+
+    @property
+    def net(self) -> torch.nn.Module | None:
+        return self._net()
+
+    @property
+    def adapter(self) -> Any:
+        return self.method.adapter_for(self.net)
 
     def block(self, position: Any, block: torch.nn.Module, call: Any) -> Any:
         if self._current is None:  # called outside the network's forward (not by the pipeline)
             return call.run(block)
         return self._current.block(position, block, call)
 
+    def _close_evaluation(self) -> None:
+        if self._current is not None:
+            reused, work = self._current.end()  # disarms the work meter, also after a forward that raised
+            self.stats.on_cache(self._step, reused, work)
+        self._current = None
+
     def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._close_evaluation()
         family = family_of(module)
         self.adapter.check_cond(kwargs)
         sample = kwargs.get(family.sample, args[0] if args else None)
         timestep = kwargs.get(family.timestep, args[1] if len(args) > 1 else None)
         if not isinstance(sample, torch.Tensor) or timestep is None:
             raise ValueError(f"enable_cache: {type(module).__name__} was called without its sample and timestep")
+        clock = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
         scheduler = getattr(self.pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
-        raw = getattr(scheduler, "step_index", None)
-        if timesteps is not self._timesteps or (raw is None and self._last_raw is not None):
-            self._timesteps, self._engines, self._last_index = timesteps, {}, None  # a new run
-            self.stats.on_start(torch.zeros(0))
-        self._last_raw = raw
-        index = 0 if raw is None else int(raw)
-        self._branch = self._branch + 1 if index == self._last_index else 0
-        self._last_index = index
-        slots = len(timesteps) + 1 if timesteps is not None else 1  # as a grid: one more point than steps
+        begin = getattr(scheduler, "begin_index", None) or 0  # img2img: the run starts mid-schedule
+        if hasattr(type(scheduler), "step_index"):
+            # schedulers that count their steps (Euler, DPM-Solver, Heun, UniPC, FlowMatch, FewstepScheduler):
+            # None until the first step() of a run, then the index of the evaluation
+            raw = scheduler.step_index
+            if timesteps is not self._timesteps or (raw is None and self._last_key is not None):
+                self._new_run(timesteps)
+            index = 0 if raw is None else max(int(raw) - begin, 0)
+            key: Any = index
+        else:
+            # schedulers that do not (DDIM, DDPM, PNDM): a new evaluation whenever the timestep changes
+            if timesteps is not self._timesteps:
+                self._new_run(timesteps)
+            key = tuple(clock.tolist())
+            if self._last_key is not None and key != self._last_key:
+                self._count += 1
+            index = self._count
+        self._branch = self._branch + 1 if key == self._last_key else 0
+        self._last_key = key
+        slots = len(timesteps) - begin + 1 if timesteps is not None else 1  # as a grid: one more point than steps
         engine = self._engines.get(self._branch)
         if engine is None:
             engine = self._engines[self._branch] = self.recipe.engine(module, self.adapter, self._meters)
         batch = sample.shape[0]
-        clock = torch.as_tensor(timestep, dtype=torch.float64).detach().cpu().reshape(-1)
         clock = clock.expand(batch) if clock.numel() == 1 else clock
         engine.begin(index, clock, batch, slots, tuple(sample.shape[1:]))
         self._current, self._step = engine, index
 
-    def _post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._current is not None:
-            reused, work = self._current.end()
-            self.stats.on_cache(self._step, reused, work)
-        self._current = None
+    def _new_run(self, timesteps: Any) -> None:
+        self._timesteps, self._engines, self._last_key, self._count = timesteps, {}, None, 0
+        self.stats.on_start(torch.zeros(0))
 
-    @property
-    def adapter(self) -> Any:
-        return self.method.adapter_for(self.net)
+    def _post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._close_evaluation()
 
 
 def enable_cache(pipe: Any, spec: str, *, seeds: Sequence[int] = (1000, 1001, 1002, 1003),
@@ -146,7 +168,7 @@ def _enable(pipe: Any, net: torch.nn.Module, name: str, knobs: dict[str, Any], s
     handle = PipelineCache(pipe, net, cls, recipe, spec)
     handle._original = adapter.wrap_in_place(net, handle)
     handle._handles = [net.register_forward_pre_hook(handle._pre, with_kwargs=True),
-                       net.register_forward_hook(handle._post)]
+                       net.register_forward_hook(handle._post, always_call=True)]
     _ENABLED[net] = handle
     return handle
 
@@ -159,6 +181,7 @@ def disable_cache(pipe: Any) -> None:
     handle = _ENABLED.pop(net, None)
     if handle is None:
         return
+    handle._close_evaluation()
     for h in handle._handles:
         h.remove()
     handle.adapter.unwrap(net, handle._original)
@@ -187,7 +210,7 @@ def pipeline_magnitude_curve(pipe: Any, *, seeds: Sequence[int] = (1000, 1001, 1
     handle = PipelineCache(pipe, net, _Recorder, _Recorder.make_recipe(adapter, net, record=record), "record")
     handle._original = adapter.wrap_in_place(net, handle)
     handle._handles = [net.register_forward_pre_hook(handle._pre, with_kwargs=True),
-                       net.register_forward_hook(handle._post)]
+                       net.register_forward_hook(handle._post, always_call=True)]
     _ENABLED[net] = handle
     try:
         _latents(pipe, seeds, call)
