@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -182,34 +182,50 @@ def _class_labels(den: object, label: str | None, n: int) -> dict[str, torch.Ten
     return {"class_labels": torch.full((n,), value)}
 
 
+def _sample_plan(args: argparse.Namespace) -> Any:
+    """The plan ``fewstep sample`` runs: ``--plan FILE``, or one made from the flags (never both)."""
+    from fewstep.plan import Plan
+
+    flags = {"--model": args.model, "--solver": args.solver, "--steps": args.steps, "--grid": args.grid,
+             "--option": args.option, "--cache": args.cache}
+    if args.plan is not None:
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise ValueError(f"--plan gives the model, solver, grid and cache; drop {', '.join(given)}")
+        return Plan.load(args.plan)
+    if args.model is None:
+        raise ValueError("give --model (a zoo name or a diffusers folder) or --plan (a plan file)")
+    cache = args.cache if args.cache not in (None, "none") else ""
+    return Plan(model=args.model, solver=args.solver or "dpmpp_2m", solver_options=_options(args.option),
+                grid=args.grid or "time_quadratic", steps=args.steps or 10, cache=cache)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fewstep.bench.report import mosaic
-    from fewstep.caching import CacheStats, cache_from_spec
+    from fewstep.caching import CacheStats
     from fewstep.hooks import NFECounter, ProgressBar
     from fewstep.outputs import atomic_write, check_output_file
-    from fewstep.sample import sample
     from fewstep.zoo import load
 
     out = check_output_file(args.out, (".png", ".npz"))  # before any work: a bad path must not cost a run
-    den = load(args.model)
-    solver = make_solver(args.solver, **_options(args.option))
+    plan = _sample_plan(args)
+    den = load(plan.model)
     shape = den.sample_shape
     if out.suffix == ".png" and shape[0] not in (1, 3):
         raise ValueError(f"--out {out}: a PNG grid needs 1 or 3 channels, this model makes {shape[0]}; use .npz")
     cond = _class_labels(den, args.label, len(args.seeds))
-    counter, stats = NFECounter(), CacheStats()
-    note = ""
-    if args.cache and args.cache != "none":
+    if plan.cache:
         from fewstep.caching import check_cache_spec
 
-        check_cache_spec(den, args.cache)
-        den, cal = cache_from_spec(den, args.cache, solver=solver, steps=args.steps, shape=shape, grid=args.grid)
-        if cal is not None:
-            note = f" (auto: {cal.method} {cal.knobs}, calibration error {cal.error:.3g})"
+        check_cache_spec(den, plan.cache)
+    sampler = plan.build(den)
+    counter, stats = NFECounter(), CacheStats()
+    cal = sampler.calibration
+    note = "" if cal is None else f" (auto: {cal.spec}, calibration error {cal.error:.3g})"
     hooks = [counter, stats] + ([ProgressBar()] if not args.quiet else [])
-    x = sample(den, solver, args.steps, shape=shape, seeds=args.seeds, grid=args.grid, hooks=hooks, cond=cond)
+    x = sampler.sample(seeds=args.seeds, hooks=hooks, cond=cond)
     if stats.full + stats.reused:
         note += (f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations, computed "
                  f"{100 * stats.mean_work:.0f} % of the network")
@@ -395,10 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     smp = sub.add_parser("sample", help="sample a zoo model or a diffusers folder to a PNG grid or an .npz",
                          description="Sample a model. Example: fewstep sample --model unet_m --solver dpmpp_2m "
                                      "--steps 10 --seeds 0-63 --out grid.png")
-    smp.add_argument("--model", required=True, help="zoo model name (see `fewstep models`) or a diffusers folder")
-    smp.add_argument("--solver", default="dpmpp_2m", help="solver name (see `fewstep solvers`)")
-    smp.add_argument("--steps", type=_step_count, default=10, help="number of steps (10)")
-    smp.add_argument("--grid", choices=list(GRIDS), default="time_quadratic", help="time grid (time_quadratic)")
+    smp.add_argument("--model", default=None, help="zoo model name (see `fewstep models`) or a diffusers folder")
+    smp.add_argument("--plan", default=None, help="a plan file (JSON: model, solver, grid or times, cache) "
+                     "instead of --model/--solver/--steps/--grid/--option/--cache")
+    smp.add_argument("--solver", default=None, help="solver name (see `fewstep solvers`; dpmpp_2m)")
+    smp.add_argument("--steps", type=_step_count, default=None, help="number of steps (10)")
+    smp.add_argument("--grid", choices=list(GRIDS), default=None, help="time grid (time_quadratic)")
     smp.add_argument("--seeds", type=_seeds, default=parse_seeds("0-63"), help="seed range (0-63)")
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
     smp.add_argument("--label", default=None, help="class label for class-conditional models (dit_s): an int, or "

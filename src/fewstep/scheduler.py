@@ -209,7 +209,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "supported by FewstepScheduler; set it to False")
         # DDIM/DDPM-style clip_sample clips x0_hat: a change of the denoiser that every solver then sees
         self._clip = float(base.get("clip_sample_range", 1.0)) if base.get("clip_sample") else None
-        if grid != "diffusers":  # a bad grid name (with a suggestion) or knob fails here, not in the pipeline
+        if grid == "explicit":  # a plan's own times (a tuned grid): validated on this model's schedule
+            times = dict(grid_options or {}).get("times")
+            if not isinstance(times, list | tuple) or set(dict(grid_options or {})) != {"times"}:
+                raise ValueError("grid='explicit' takes grid_options={'times': [...]} (decreasing continuous times)")
+            explicit(self._schedule, times)
+        elif grid != "diffusers":  # a bad grid name (with a suggestion) or knob fails here, not in the pipeline
             try:
                 make_grid(grid, self._schedule, 2, **dict(grid_options or {}))
             except TypeError as err:
@@ -250,6 +255,27 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         solver_options = {**dict(saved_solver), **dict(kwargs.pop("solver_options", {}))}
         scheduler = cls(**{**own, **kwargs}, solver_options=solver_options, base_config=cfg)
         return (scheduler, {}) if return_unused_kwargs else scheduler
+
+    @classmethod
+    def from_plan(cls, plan: Any, config: Any = None) -> FewstepScheduler:
+        """A scheduler that samples as a :class:`~fewstep.plan.Plan` says: its solver and knobs, and its named grid
+        or its explicit times (then ``num_inference_steps`` must be the plan's step count). ``config``: the
+        pipeline's scheduler (or its config); default: the scheduler config beside the plan's model."""
+        if plan.cache:
+            raise ValueError(f"a scheduler does not cache; put the plan's cache on the pipeline with "
+                             f"fewstep.enable_cache(pipe, {plan.cache!r})")
+        if plan.guidance is not None:
+            raise ValueError("a scheduler does not guide; pass the plan's guidance scale to the pipeline "
+                             "(guidance_scale=)")
+        if config is None:
+            from fewstep.zoo import load
+
+            config = load(plan.model).scheduler_config
+        if plan.times is not None:
+            return cls.from_config(config, solver=plan.solver, solver_options=dict(plan.solver_options),
+                                   grid="explicit", grid_options={"times": list(plan.times)})
+        return cls.from_config(config, solver=plan.solver, solver_options=dict(plan.solver_options),
+                               grid=plan.grid, grid_options=dict(plan.grid_options))
 
     # ------------------------------------------------------------------ what pipelines read
 
@@ -342,6 +368,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
             if grid_name == "diffusers":
                 times = self._base_times(schedule, int(num_inference_steps), mu=mu)
+            elif grid_name == "explicit":
+                times = [float(t) for t in self.config["grid_options"]["times"]]
+                if int(num_inference_steps) != len(times) - 1:
+                    raise ValueError(f"this scheduler samples its plan's {len(times) - 1} steps; "
+                                     f"num_inference_steps={num_inference_steps} asks for another count")
             else:
                 times = make_grid(grid_name, schedule, int(num_inference_steps),
                                   **self.config.get("grid_options", {})).tolist()

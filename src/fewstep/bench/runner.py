@@ -17,13 +17,12 @@ from fewstep.bench.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
 from fewstep.bench.peers import run_diffusers
 from fewstep.bench.reference import pf_ode_reference
 from fewstep.bench.store import ResultStore
-from fewstep.caching import CacheStats, cache_from_spec
-from fewstep.grids import make_grid
+from fewstep.caching import CacheStats
 from fewstep.hooks import NFECounter
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
+from fewstep.plan import Plan
 from fewstep.sample import sample
-from fewstep.solvers import make_solver
 
 __all__ = ["Context", "run_experiment", "run_sweep"]
 
@@ -114,21 +113,22 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
     extra: dict[str, Any] = {}
     if exp.backend == "fewstep":
         counter, stats = NFECounter(), CacheStats()
-        solver = make_solver(exp.solver, **exp.options)
         peer: Any = contextlib.nullcontext()
-        if exp.cache.startswith("diffusers:"):  # diffusers' own cache hook on the same network, noise and solver
+        diffusers_hook = exp.cache.startswith("diffusers:")
+        plan = Plan(model=exp.model, solver=exp.solver, solver_options=exp.options, grid=exp.grid, steps=exp.steps,
+                    cache="" if diffusers_hook else exp.cache)
+        sampler = plan.build(den, shape=tuple(x_init.shape[1:]))  # ``auto`` calibrates on seeds 1000-1127
+        if diffusers_hook:  # diffusers' own cache hook on the same network, noise and solver
             peer = diffusers_cache(den, exp.cache)
             timed = _Timed(peer)
-        elif exp.cache:  # ``auto`` calibrates on seeds 1000-1127, never the experiment's
-            cached, cal = cache_from_spec(den, exp.cache, solver=solver, steps=exp.steps,
-                                          shape=tuple(x_init.shape[1:]), grid=exp.grid)
+        elif exp.cache:
+            cal = sampler.calibration
             if cal is not None:
                 extra = {"cache_choice": cal.spec, "cache_calibration_error": cal.error}
-            timed = _Timed(cached)
+            timed = _Timed(sampler.denoiser)
             t0 = time.perf_counter()  # calibration is not part of the run's time
-        grid = make_grid(exp.grid, den.schedule, exp.steps)
         with peer:
-            out = sample(timed, solver, grid, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
+            out = sample(timed, sampler.solver, sampler.times, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
             extra["cache_work"] = stats.mean_work

@@ -69,8 +69,8 @@ def _check_target(target_error: Any) -> float:
     return float(target_error)
 
 
-def magnitude_curve(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[int], seeds: str = "1000-1127",
-                    grid: str = "time_quadratic", cond: Cond = None) -> MagnitudeCurve:
+def magnitude_curve(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, shape: Sequence[int],
+                    seeds: str = "1000-1127", grid: str = "time_quadratic", cond: Cond = None) -> MagnitudeCurve:
     """The magnitude curve MagCache reads (:class:`~fewstep.caching.policies.MagnitudeCurve`): the mean token norm
     of the transformer's block-chain residual at each evaluation of one uncached run of ``solver`` over ``steps``
     (on the calibration ``seeds``, for which ``cond`` is given; under guidance both branches, averaged per
@@ -88,7 +88,8 @@ def magnitude_curve(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[i
     return MagnitudeCurve(tuple(clocks), tuple(sum(by_clock[c]) / len(by_clock[c]) for c in clocks))
 
 
-def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[int], target_error: float,
+def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, shape: Sequence[int],
+                    target_error: float,
                     seeds: str = "1000-1127", method: str | None = None, grid: str = "time_quadratic",
                     cond: Cond = None) -> Calibration:
     """Pick the most aggressive cache setting whose final samples stay within ``target_error`` (mean per-sample
@@ -135,11 +136,12 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int, *, shape: Sequence[i
     return Calibration(name, knobs, err, upper, work, table)
 
 
-def cache_from_spec(den: Denoiser, spec: str, *, solver: Any, steps: int, shape: Sequence[int],
+def cache_from_spec(den: Denoiser, spec: str, *, solver: Any, steps: int | torch.Tensor, shape: Sequence[int],
                     grid: str = "time_quadratic", cond: Cond = None) -> tuple[Denoiser, Calibration | None]:
     """The cache a command-line spec names around ``den`` (under its guidance): ``"deepcache:interval=3"``,
     ``"taylorseer:interval=4:order=1"``, ``"none"``, or ``"auto:target_error=0.05[:method=...]"``, which calibrates
-    it (:func:`calibrate_cache`) for ``solver``, ``steps`` and ``grid`` and returns the calibration too."""
+    it (:func:`calibrate_cache`) for ``solver``, ``steps`` and ``grid`` and returns the calibration too.
+    ``steps`` may be the grid's times themselves (then ``grid`` is not used)."""
     from fewstep.spec import parse_spec
 
     name, knobs = parse_spec(spec)

@@ -42,7 +42,7 @@ class SpecContext:
     """What a method calibrated from a run needs to know about the runs it will serve (MagCache's curve)."""
 
     solver: Any
-    steps: int
+    steps: int | torch.Tensor  # a step count on ``grid``, or the grid's times
     shape: tuple[int, ...]
     grid: str = "time_quadratic"
     cond: Cond = None

@@ -1,0 +1,208 @@
+"""One ``Plan``: a frozen, JSON-serialisable description of how to sample, and the one ``build()`` that turns it
+into a sampler.
+
+A plan names the model (a zoo name or a local diffusers folder), the solver and its knobs, the time grid (a grid
+name with its knobs and a step count, or explicit times), a cache spec, classifier-free guidance, and the dtype and
+device of the state. ``fewstep sample``, the bench runner and ``FewstepScheduler.from_plan`` all assemble model +
+solver + grid + cache through :meth:`Plan.build`; a tuner writes plans (``fewstep.plan/1`` JSON files).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.grids import GRIDS, explicit, make_grid, suggest
+from fewstep.models.base import Cond, Denoiser
+from fewstep.solvers import Solver, make_solver
+
+__all__ = ["FORMAT", "Plan", "Sampler"]
+
+FORMAT = "fewstep.plan/1"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _plain(value: Any, what: str) -> Any:
+    """``value`` if it is JSON data (numbers, strings, booleans, None, lists, string-keyed dicts), else an error."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{what}: {value!r} is not a finite number")
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v, what) for v in value]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{what}: keys must be strings")
+        return {k: _plain(v, what) for k, v in value.items()}
+    raise ValueError(f"{what}: {type(value).__name__} is not JSON data")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to sample, as data.
+
+    Attributes:
+        model: a zoo model name (``"unet_m"``) or a local diffusers folder.
+        solver, solver_options: a registered solver and its knobs (``fewstep solvers``).
+        grid, grid_options, steps: a named grid (:data:`fewstep.grids.GRIDS`) with its knobs and a step count;
+            or ``grid="explicit"`` with ``times``: the decreasing continuous times of the grid, the last one 0 or
+            ``t_min`` (what a tuner finds).
+        cache: a cache spec (``"taylorseer:interval=3"``, ``"auto:target_error=0.02"``, ``""`` for none;
+            :func:`fewstep.caching.cache_from_spec`).
+        guidance: a classifier-free guidance scale for models with a default null condition (a class-conditional
+            DiT); text models take their negative conditioning at :meth:`build`.
+        dtype, device: of the sampling state.
+    """
+
+    model: str
+    solver: str = "dpmpp_2m"
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    grid: str = "time_quadratic"
+    grid_options: Mapping[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    times: tuple[float, ...] | None = None
+    cache: str = ""
+    guidance: float | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"plan model must be a zoo name or a folder, got {self.model!r}")
+        object.__setattr__(self, "solver_options", dict(_plain(dict(self.solver_options), "solver_options")))
+        object.__setattr__(self, "grid_options", dict(_plain(dict(self.grid_options), "grid_options")))
+        make_solver(self.solver, **self.solver_options)  # unknown solvers and knobs raise here
+        if self.grid == "explicit":
+            if self.times is None:
+                raise ValueError("grid='explicit' needs times=[...] (decreasing, ending at 0 or t_min)")
+            times = tuple(float(t) for t in _plain(list(self.times), "times"))
+            if len(times) < 2 or any(b >= a for a, b in zip(times, times[1:], strict=False)):
+                raise ValueError(f"plan times must be at least 2 strictly decreasing values, got {list(times)}")
+            if self.steps is not None and self.steps != len(times) - 1:
+                raise ValueError(f"steps={self.steps} does not match {len(times)} times")
+            object.__setattr__(self, "times", times)
+            object.__setattr__(self, "steps", len(times) - 1)
+            if self.grid_options:
+                raise ValueError("grid_options are for a named grid, not grid='explicit'")
+        else:
+            if self.grid not in GRIDS:
+                raise ValueError(f"unknown grid {self.grid!r}{suggest(self.grid, list(GRIDS) + ['explicit'])}")
+            if self.times is not None:
+                raise ValueError(f"times are for grid='explicit', not grid={self.grid!r}")
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise ValueError(f"plan steps must be an int >= 1 for grid={self.grid!r}, got {self.steps!r}")
+        if not isinstance(self.cache, str):
+            raise ValueError(f"plan cache must be a spec string, got {self.cache!r}")
+        if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float)
+                                          or not math.isfinite(self.guidance)):
+            raise ValueError(f"plan guidance must be a number, got {self.guidance!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"plan dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        torch.device(self.device)  # a malformed device name raises here
+
+    # -- JSON ------------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": FORMAT, **asdict(self)}
+        out["times"] = None if self.times is None else list(self.times)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ValueError(f"not a fewstep plan (expected \"format\": \"{FORMAT}\")")
+        fields = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - fields - {"format"})
+        if unknown:
+            raise ValueError(f"unknown plan keys {unknown}; a plan has {', '.join(sorted(fields))}")
+        body = {k: v for k, v in data.items() if k != "format"}
+        if body.get("times") is not None:
+            body["times"] = tuple(body["times"])
+        return cls(**body)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON, atomically."""
+        from fewstep.outputs import atomic_write, check_output_file
+
+        out = check_output_file(path, (".json",))
+        text = self.to_json() + "\n"
+        atomic_write(out, lambda f: f.write(text.encode()))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        from fewstep.models.diffusers import load_json
+
+        return cls.from_dict(load_json(Path(path)))
+
+    # -- building ---------------------------------------------------------------------------------------------------
+
+    def build(self, den: Denoiser | None = None, *, shape: Sequence[int] | None = None, uncond: Cond = None,
+              calibration_cond: Cond = None) -> Sampler:
+        """The sampler this plan describes: the model (``den``, else loaded from :attr:`model`), guided and cached
+        as the plan says, the solver, and the grid's times. ``shape``: one sample's shape (default: the model's);
+        ``uncond``: the negative conditioning of guided text models; ``calibration_cond``: the conditioning an
+        ``auto`` cache calibrates with (for seeds 1000-1127)."""
+        from fewstep.caching import cache_from_spec
+        from fewstep.models import ClassifierFreeGuidance
+
+        if den is None:
+            from fewstep.zoo import load
+
+            den = load(self.model)
+        solver = make_solver(self.solver, **self.solver_options)
+        if shape is None:
+            shape = den.sample_shape  # type: ignore[attr-defined]
+        shape = tuple(int(s) for s in shape)
+        if self.times is not None:
+            times = explicit(den.schedule, self.times)
+        else:
+            assert self.steps is not None
+            times = make_grid(self.grid, den.schedule, self.steps, **self.grid_options)
+        model: Denoiser = den
+        if self.guidance is not None:
+            model = ClassifierFreeGuidance(den, float(self.guidance), uncond=uncond)
+        calibration = None
+        if self.cache and self.cache != "none":  # calibrated (auto, magcache) on this plan's own times
+            model, calibration = cache_from_spec(model, self.cache, solver=solver, steps=times, shape=shape,
+                                                 cond=calibration_cond)
+        return Sampler(self, model, solver, times, shape, calibration)
+
+
+@dataclass
+class Sampler:
+    """What :meth:`Plan.build` makes: call :meth:`sample`."""
+
+    plan: Plan
+    denoiser: Denoiser
+    solver: Solver
+    times: torch.Tensor
+    shape: tuple[int, ...]
+    calibration: Any = None
+
+    def sample(self, *, seeds: Any = None, x_init: torch.Tensor | None = None, cond: Cond = None,
+               hooks: Sequence[Any] = ()) -> torch.Tensor:
+        from fewstep.sample import sample
+
+        dtype = DTYPES[self.plan.dtype]
+        if x_init is not None:
+            return sample(self.denoiser, self.solver, self.times, x_init=x_init, seeds=seeds, cond=cond, hooks=hooks,
+                          dtype=dtype, device=self.plan.device)
+        return sample(self.denoiser, self.solver, self.times, shape=self.shape, seeds=seeds, cond=cond, hooks=hooks,
+                      dtype=dtype, device=self.plan.device)
