@@ -1,0 +1,121 @@
+"""Time steps tuned for one model: a dynamic-programming search over a fine candidate grid against a teacher
+trajectory (the first stage of ``fewstep tune``).
+
+The teacher is a high-accuracy solve from the calibration noise, recorded at every candidate time. The cost of
+an edge ``i -> j`` is the mean squared distance between one step of the solver from the teacher's state at
+candidate ``i`` to candidate ``j`` and the teacher's state there; the tuned grid is the path of ``steps`` edges
+from the first candidate to the last with the least total cost (:func:`dp_path`). This is the search of GITS
+(local errors from teacher states, summed) on the candidate grid of OSS.
+
+References: *On the Trajectory Regularity of ODE-based Diffusion Sampling* (Chen et al., ICML 2024; GITS);
+*Optimal Stepsize for Diffusion Sampling* (Pei et al., 2025; OSS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fewstep.grids import make_grid
+from fewstep.hooks import TrajectoryRecorder
+from fewstep.models.base import Cond, Denoiser
+from fewstep.sample import sample
+from fewstep.solvers import Solver, make_solver
+
+__all__ = ["StepSearch", "dp_path", "edge_costs", "search_steps", "teacher_states"]
+
+
+def dp_path(cost: torch.Tensor, steps: int) -> tuple[list[int], float]:
+    """The path ``0 = i_0 < i_1 < ... < i_steps = M`` through the nodes of ``cost`` (``(M + 1, M + 1)``; entry
+    ``[i, j]`` the cost of edge ``i -> j``, ``inf`` where there is none) with exactly ``steps`` edges and the least
+    total cost; returns the path and its cost. Dynamic programming over (edges used, node): ``O(steps M^2)``."""
+    n = cost.shape[0]
+    last = n - 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= last:
+        raise ValueError(f"steps must be an int in [1, {last}] for {n} candidates, got {steps!r}")
+    c = cost.double()
+    best = torch.full((steps + 1, n), math.inf, dtype=torch.float64)
+    back = torch.zeros((steps + 1, n), dtype=torch.long)
+    best[0, 0] = 0.0
+    for k in range(1, steps + 1):
+        total = best[k - 1][:, None] + c  # [i, j]: reach i with k-1 edges, then i -> j
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+        total = torch.where(upper, total, torch.full_like(total, math.inf))
+        best[k], back[k] = total.min(dim=0)
+    if not math.isfinite(float(best[steps, last])):
+        raise ValueError(f"no path of {steps} edges reaches the last candidate")
+    path = [last]
+    for k in range(steps, 0, -1):
+        path.append(int(back[k, path[-1]]))
+    return path[::-1], float(best[steps, last])
+
+
+def teacher_states(den: Denoiser, candidates: torch.Tensor, *, x_init: torch.Tensor, seeds: Sequence[int],
+                   cond: Cond = None, substeps: int = 8, solver: str = "dpmpp_3m") -> list[torch.Tensor]:
+    """The teacher's states at every candidate time: one solve of ``solver`` from ``x_init`` through ``substeps``
+    equal subdivisions (in time) of each candidate interval."""
+    c = candidates.tolist()
+    fine: list[float] = []
+    for a, b in zip(c, c[1:], strict=False):
+        if b == 0.0:  # the last step onto 0 denoises to zero from the smallest time; nothing lies between
+            fine.append(a)
+            continue
+        fine.extend(a + (b - a) * k / substeps for k in range(substeps))
+    fine.append(c[-1])
+    rec = TrajectoryRecorder()
+    sample(den, solver, fine, x_init=x_init, seeds=list(seeds), cond=cond, hooks=[rec])
+    by_time = dict(zip(rec.times, rec.states, strict=True))
+    return [by_time[t] for t in c]
+
+
+def edge_costs(den: Denoiser, solver: Solver, candidates: torch.Tensor, states: Sequence[torch.Tensor], *,
+               seeds: Sequence[int], cond: Cond = None, max_jump: int | None = None) -> torch.Tensor:
+    """``cost[i, j]``: mean squared error of one ``solver`` step from the teacher's state at candidate ``i`` to
+    candidate ``j`` against the teacher's state there (a step onto ``t = 0`` denoises to zero); ``inf`` for
+    ``j <= i`` or jumps longer than ``max_jump``."""
+    c = candidates.tolist()
+    n = len(c)
+    cost = torch.full((n, n), math.inf, dtype=torch.float64)
+    for i in range(n - 1):
+        top = n if max_jump is None else min(n, i + max_jump + 1)
+        for j in range(i + 1, top):
+            out = sample(den, solver, [c[i], c[j]], x_init=states[i], seeds=list(seeds), cond=cond, check=False)
+            cost[i, j] = float((out - states[j]).double().pow(2).mean())
+    return cost
+
+
+@dataclass
+class StepSearch:
+    """What :func:`search_steps` found: the tuned times, the candidate grid, the edge costs and the path."""
+
+    times: list[float]
+    candidates: list[float]
+    path: list[int]
+    cost: float
+    edges: torch.Tensor
+
+
+def search_steps(den: Denoiser, solver: Solver | str, steps: int, *, shape: Sequence[int],
+                 seeds: Sequence[int] = tuple(range(1000, 1032)), cond: Cond = None, candidates: int = 40,
+                 grid: str = "time_quadratic", max_jump: int | None = None, teacher_substeps: int = 8,
+                 states: Sequence[torch.Tensor] | None = None, x_init: torch.Tensor | None = None) -> StepSearch:
+    """Tuned times for ``solver`` at ``steps`` steps on this model: the DP path (:func:`dp_path`) over a
+    ``candidates``-step ``grid`` (its times are the candidates, ending at 0), against the teacher's states from
+    the noise of ``seeds``."""
+    if isinstance(solver, str):
+        solver = make_solver(solver)
+    cand = make_grid(grid, den.schedule, candidates)
+    seeds = list(seeds)
+    if x_init is None:
+        from fewstep.noise import SampleNoise
+
+        x_init = den.schedule.prior_std(float(cand[0])) * SampleNoise(seeds, tuple(shape)).draw()
+    if states is None:
+        states = teacher_states(den, cand, x_init=x_init, seeds=seeds, cond=cond, substeps=teacher_substeps)
+    edges = edge_costs(den, solver, cand, states, seeds=seeds, cond=cond, max_jump=max_jump)
+    path, total = dp_path(edges, steps)
+    c = cand.tolist()
+    return StepSearch([c[i] for i in path], c, path, total, edges)
