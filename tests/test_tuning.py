@@ -63,3 +63,50 @@ def test_search_on_an_exact_model():
     assert found.times[0] == float(cand[0]) and found.times[-1] == 0.0 and len(found.times) == 4
     assert set(found.times) <= set(cand.tolist())
     assert found.cost == pytest.approx(dp_path(edges, 3)[1])
+
+
+def test_a_tuned_grid_that_loses_on_held_out_seeds_gives_way():
+    from fewstep.tuning import choose
+
+    rows = [{"solver": "ddim", "grid": "tuned", "calibration": 0.10, "holdout": 0.30},
+            {"solver": "ddim", "grid": "karras", "calibration": 0.20, "holdout": 0.25},
+            {"solver": "dpmpp_2m", "grid": "logsnr", "calibration": 0.15, "holdout": 0.22}]
+    assert choose(rows)["grid"] == "logsnr"  # the best fixed grid on held-out data
+    rows[0]["holdout"] = 0.2
+    assert choose(rows)["grid"] == "tuned"
+    rows[0]["calibration"] = 0.5
+    assert choose(rows)["grid"] == "logsnr"
+
+
+def test_tune_writes_a_plan_that_builds():
+    from fewstep.tuning import tune
+
+    den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
+    got = tune(den, "gmm", 4, solvers=("ddim", "dpmpp_2m"), shape=(4,), seeds=range(8), holdout=range(100, 116),
+               candidates=12)
+    assert {r["solver"] for r in got.rows} == {"ddim", "dpmpp_2m"} and all("holdout" in r for r in got.rows)
+    assert got.plan.model == "gmm" and got.plan.build(den, shape=(4,)).times.numel() == 5
+    best_fixed = min(r["holdout"] for r in got.rows if r["grid"] != "tuned")
+    chosen = next(r for r in got.rows if r["solver"] == got.plan.solver and
+                  (r["grid"] == got.plan.grid or (r["grid"] == "tuned" and got.plan.grid == "explicit")))
+    assert chosen["grid"] != "tuned" or chosen["holdout"] <= best_fixed
+
+
+def test_cli_tune_writes_plans_that_sample_runs(tmp_path, capsys):
+    from fewstep.cli import main
+    from fewstep.plan import Plan
+
+    argv = ["tune", "--model", "unet_s", "--nfe", "3,4", "--solvers", "ddim,dpmpp_2m", "--seeds", "1000-1003",
+            "--holdout", "2000-2003", "--candidates", "8", "--out", str(tmp_path / "plans")]
+    (tmp_path / "plans").mkdir()
+    assert main(argv) == 0, capsys.readouterr().err
+    plans = sorted(p.name for p in (tmp_path / "plans").iterdir())
+    assert plans == ["plan_nfe3.json", "plan_nfe4.json"]
+    plan = Plan.load(tmp_path / "plans" / "plan_nfe4.json")
+    assert plan.build().solver.nfe(plan.steps, to_zero=True) == 4
+    assert main(["sample", "--plan", str(tmp_path / "plans" / "plan_nfe4.json"), "--seeds", "0-1", "--quiet",
+                 "--out", str(tmp_path / "x.npz")]) == 0
+    assert "2 samples, 4 NFE" in capsys.readouterr().out
+    assert main([*argv[:6], "ddimm", *argv[7:]]) == 2
+    assert "ddim" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "nowhere" / "deeper")]) == 2

@@ -355,6 +355,33 @@ def _check_caches(models: list[str], caches: list[str]) -> None:
                 raise ValueError(f"--cache {spec} on {model}: {err}") from None
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fewstep.outputs import check_output_dir
+    from fewstep.tuning import tune
+    from fewstep.zoo import load
+
+    out = check_output_dir(args.out)  # before any work
+    for name in args.solvers:
+        make_solver(name)
+    den = load(args.model)
+    shape = den.sample_shape
+    cond = _class_labels(den, args.label, len(args.seeds)) if args.label is not None else None
+    hold_cond = _class_labels(den, args.label, len(args.holdout)) if args.label is not None else None
+    print("| NFE | plan | calibration error | held-out error | best fixed (held-out) |")
+    print("|---|---|---|---|---|")
+    for nfe in args.nfe:
+        got = tune(den, args.model, nfe, solvers=args.solvers, shape=shape, seeds=args.seeds, holdout=args.holdout,
+                   cond=cond, holdout_cond=hold_cond, candidates=args.candidates)
+        path = got.plan.save(Path(out) / f"plan_nfe{nfe}.json")
+        row = next(r for r in got.rows if r["solver"] == got.plan.solver and
+                   r["grid"] == ("tuned" if got.plan.grid == "explicit" else got.plan.grid))
+        fixed = min((r for r in got.rows if r["grid"] != "tuned"), key=lambda r: r["holdout"])
+        label = f"{got.plan.solver} {'tuned steps' if got.plan.grid == 'explicit' else got.plan.grid}"
+        print(f"| {nfe} | {label} -> {path} | {row['calibration']:.4f} | {row['holdout']:.4f} | "
+              f"{fixed['holdout']:.4f} ({fixed['solver']} {fixed['grid']}) |", flush=True)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fewstep.bench import ResultStore, write_report
     from fewstep.outputs import check_output_dir
@@ -455,6 +482,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output .png (RGB image grid) or .npz (undecoded latents)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    tun = sub.add_parser("tune", help="time steps tuned for a model and NFE, checked on held-out seeds, as plans",
+                         description="Search the time steps of each solver for each NFE (dynamic programming over "
+                                     "a fine candidate grid against a teacher solve), compare with the fixed grids "
+                                     "on calibration and held-out seeds, and write the best plan per NFE (a tuned "
+                                     "grid that loses on held-out seeds gives way to the best fixed one). Example: "
+                                     "fewstep tune --model unet_m --nfe 4,5,6,8 --out plans")
+    tun.add_argument("--model", required=True, help="zoo model name or a diffusers folder")
+    tun.add_argument("--nfe", type=_step_list, default=[4, 5, 6, 8], help="network evaluations (4,5,6,8)")
+    tun.add_argument("--solvers", type=lambda s: s.split(","), default=["ddim", "dpmpp_2m"],
+                     help="candidate solvers (ddim,dpmpp_2m)")
+    tun.add_argument("--seeds", type=_seeds, default=parse_seeds("1000-1031"), help="calibration seeds (1000-1031)")
+    tun.add_argument("--holdout", type=_seeds, default=parse_seeds("2000-2063"), help="held-out seeds (2000-2063)")
+    tun.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid steps (40)")
+    tun.add_argument("--label", default=None, help="class label(s) for class-conditional models, as for sample")
+    tun.add_argument("--out", required=True, help="folder for the plans (plan_nfe<N>.json)")
+    tun.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="run solvers side by side (optionally with diffusers) into a results DB",
                            description="Run models x solvers x steps, store results (resumable), optionally report.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ from fewstep.models.base import Cond, Denoiser
 from fewstep.sample import sample
 from fewstep.solvers import Solver, make_solver
 
-__all__ = ["StepSearch", "dp_path", "edge_costs", "search_steps", "teacher_states"]
+__all__ = ["FIXED_GRIDS", "StepSearch", "Tuned", "choose", "dp_path", "edge_costs", "search_steps", "teacher_states",
+           "tune"]
 
 
 def dp_path(cost: torch.Tensor, steps: int) -> tuple[list[int], float]:
@@ -119,3 +121,91 @@ def search_steps(den: Denoiser, solver: Solver | str, steps: int, *, shape: Sequ
     path, total = dp_path(edges, steps)
     c = cand.tolist()
     return StepSearch([c[i] for i in path], c, path, total, edges)
+
+
+FIXED_GRIDS = ("time_quadratic", "trailing", "logsnr", "karras", "time_uniform")
+
+
+@dataclass
+class Tuned:
+    """What :func:`tune` chose at one NFE: the plan, and every candidate's end-point error (mean per-sample RMSE
+    against the teacher) on the calibration and the held-out seeds."""
+
+    nfe: int
+    plan: Any
+    rows: list[dict[str, Any]]
+
+    @property
+    def fell_back(self) -> bool:
+        return self.plan.grid != "explicit"
+
+
+def _steps_for(solver: Solver, nfe: int) -> int | None:
+    """Grid steps that cost exactly ``nfe`` evaluations when the grid ends at 0 (the last step denoises in one
+    evaluation), or ``None`` when no step count does."""
+    for steps in range(1, nfe + 1):
+        if sum(solver.nfe_schedule(steps, to_zero=True)) == nfe:
+            return steps
+    return None
+
+
+def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim", "dpmpp_2m"),
+         shape: Sequence[int], seeds: Sequence[int] = tuple(range(1000, 1032)),
+         holdout: Sequence[int] = tuple(range(2000, 2064)), cond: Cond = None, holdout_cond: Cond = None,
+         candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS) -> Tuned:
+    """The best plan for ``nfe`` network evaluations: for each solver, the DP-searched times
+    (:func:`search_steps`) and every fixed grid, each measured by its end-point error against the teacher on the
+    calibration ``seeds`` and on the ``holdout`` seeds (:func:`choose`: a tuner never returns a tuned grid that
+    loses to a fixed configuration on held-out data)."""
+    from fewstep.noise import SampleNoise
+    from fewstep.plan import Plan
+
+    cand = make_grid("time_quadratic", den.schedule, candidates)
+    t0 = float(cand[0])
+
+    def noise(ids: Sequence[int]) -> torch.Tensor:
+        return den.schedule.prior_std(t0) * SampleNoise(list(ids), tuple(shape)).draw()
+
+    x_cal, x_hold = noise(seeds), noise(holdout)
+    cal_states = teacher_states(den, cand, x_init=x_cal, seeds=seeds, cond=cond)
+    hold_ref = teacher_states(den, cand, x_init=x_hold, seeds=holdout, cond=holdout_cond)[-1]
+
+    def err(solver: Solver, times: Sequence[float], x: torch.Tensor, ids: Sequence[int], c: Cond,
+            ref: torch.Tensor) -> float:
+        out = sample(den, solver, list(times), x_init=x, seeds=list(ids), cond=c)
+        return float((out - ref).double().flatten(1).pow(2).mean(1).sqrt().mean())
+
+    rows: list[dict[str, Any]] = []
+    for name in solvers:
+        solver = make_solver(name)
+        steps = _steps_for(solver, nfe)
+        if steps is None:
+            continue
+        options = {"tuned": search_steps(den, solver, steps, shape=shape, seeds=seeds, cond=cond, candidates=candidates,
+                                         states=cal_states, x_init=x_cal).times}
+        options.update({g: make_grid(g, den.schedule, steps).tolist() for g in fixed})
+        for grid, times in options.items():
+            rows.append({"solver": name, "grid": grid, "times": list(times),
+                         "calibration": err(solver, times, x_cal, seeds, cond, cal_states[-1])})
+    if not rows:
+        raise ValueError(f"none of the solvers {list(solvers)} runs in exactly {nfe} evaluations")
+    for row in rows:
+        row["holdout"] = err(make_solver(row["solver"]), row["times"], x_hold, holdout, holdout_cond, hold_ref)
+    chosen = choose(rows)
+    if chosen["grid"] == "tuned":
+        plan = Plan(model=model, solver=chosen["solver"], grid="explicit", times=tuple(chosen["times"]))
+    else:
+        plan = Plan(model=model, solver=chosen["solver"], grid=chosen["grid"], steps=len(chosen["times"]) - 1)
+    return Tuned(nfe, plan, rows)
+
+
+def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row with the least calibration error; but a tuned grid whose held-out error is above the best fixed
+    grid's held-out error gives way to that fixed grid."""
+    chosen = min(rows, key=lambda r: r["calibration"])
+    fixed = [r for r in rows if r["grid"] != "tuned"]
+    if chosen["grid"] == "tuned" and fixed:
+        best_fixed = min(fixed, key=lambda r: r["holdout"])
+        if chosen["holdout"] > best_fixed["holdout"]:
+            return best_fixed
+    return chosen
