@@ -1,8 +1,9 @@
-"""The step search's first stage (``fewstep.tuning.search_steps``): the DP path over 40 candidate times against a
-teacher, next to the fixed grids, on held-out seeds.
+"""``fewstep tune``'s step search on a zoo model: per NFE, the tuned steps of each solver (the DP search over 40
+candidate times against a teacher, and the best fixed grid, each refined by coordinate descent on the real run)
+next to every fixed grid, on the calibration seeds (1000-1031) and on held-out seeds (0-255), and the plan chosen.
 
-Search on seeds 1000-1031 (teacher: DPM-Solver++(3M) with 8 substeps per candidate interval); evaluation on seeds
-0-255 against a teacher with 25 substeps; error = mean per-sample RMSE of the end point. One thread.
+Error: mean per-sample RMSE of the end point against the teacher (DPM-Solver++(3M), 8 substeps per candidate
+interval) from the same noise. One thread.
 
     python benchmarks/step_search.py [--model unet_m] [--solvers ddim,dpmpp_2m] [--nfe 4,5,6,8]
 """
@@ -14,12 +15,8 @@ import time
 
 import torch
 
-from fewstep import sample, zoo
-from fewstep.grids import make_grid
-from fewstep.noise import SampleNoise
-from fewstep.tuning import search_steps, teacher_states
-
-FIXED = ["time_quadratic", "trailing", "logsnr", "karras", "time_uniform"]
+from fewstep import zoo
+from fewstep.tuning import tune
 
 
 def main() -> None:
@@ -30,32 +27,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     den = zoo.load(args.model)
-    shape = den.sample_shape
-    hold = list(range(256))
-    cand = make_grid("time_quadratic", den.schedule, 40)
-    x_hold = den.schedule.prior_std(float(cand[0])) * SampleNoise(hold, shape).draw()
-    t0 = time.perf_counter()
-    ref = teacher_states(den, cand, x_init=x_hold, seeds=hold, substeps=25)[-1]
-    print(f"model {args.model}; held-out teacher {time.perf_counter() - t0:.0f} s\n")
-
-    def err(times: list[float], solver: str) -> float:
-        out = sample(den, solver, times, x_init=x_hold, seeds=hold)
-        return float((out - ref).flatten(1).pow(2).mean(1).sqrt().mean())
-
-    print(f"| solver | NFE | tuned | best fixed | {' | '.join(FIXED)} | search (s) | tuned times |")
-    print("|---|---|---|---|" + "---|" * len(FIXED) + "---|---|")
-    for solver in args.solvers.split(","):
-        for nfe in [int(n) for n in args.nfe.split(",")]:
-            t0 = time.perf_counter()
-            found = search_steps(den, solver, nfe, shape=shape, candidates=40)
-            seconds = time.perf_counter() - t0
-            fixed = {g: err(make_grid(g, den.schedule, nfe).tolist(), solver) for g in FIXED}
-            best = min(fixed, key=fixed.__getitem__)
-            tuned = err(found.times, solver)
-            cells = " | ".join(f"{fixed[g]:.4f}" for g in FIXED)
-            times = ", ".join(f"{t:.3f}" for t in found.times)
-            print(f"| {solver} | {nfe} | {tuned:.4f} | {fixed[best]:.4f} ({best}) | {cells} | {seconds:.0f} | "
-                  f"{times} |", flush=True)
+    print(f"model {args.model}\n")
+    print("| NFE | solver | grid | calibration error | held-out error | chosen |")
+    print("|---|---|---|---|---|---|")
+    for nfe in [int(n) for n in args.nfe.split(",")]:
+        t0 = time.perf_counter()
+        got = tune(den, args.model, nfe, solvers=args.solvers.split(","), shape=den.sample_shape,
+                   holdout=range(256))
+        seconds = time.perf_counter() - t0
+        chosen = ("tuned" if got.plan.grid == "explicit" else got.plan.grid, got.plan.solver)
+        for row in sorted(got.rows, key=lambda r: r["holdout"]):
+            mark = "**yes**" if (row["grid"], row["solver"]) == chosen else ""
+            print(f"| {nfe} | {row['solver']} | {row['grid']} | {row['calibration']:.4f} | {row['holdout']:.4f} | "
+                  f"{mark} |", flush=True)
+        times = ", ".join(f"{t:.3f}" for t in (got.plan.times or ()))
+        print(f"| {nfe} | tuning took {seconds:.0f} s | {times} | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,20 @@ def test_cli_tune_writes_plans_that_sample_runs(tmp_path, capsys):
     assert main([*argv[:6], "ddimm", *argv[7:]]) == 2
     assert "ddim" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "nowhere" / "deeper")]) == 2
+
+
+def test_refinement_never_makes_the_run_worse():
+    from fewstep.tuning import refine_steps
+
+    den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
+    seeds = list(range(8))
+    start = make_grid("time_uniform", SCHED, 4).tolist()
+    x_init = SCHED.prior_std(start[0]) * torch.randn(8, 4, generator=torch.Generator().manual_seed(0),
+                                                     dtype=torch.float64)
+    target = sample(den, "dpmpp_3m", 200, x_init=x_init, seeds=seeds, grid="time_quadratic")
+    solver = make_solver("dpmpp_2m")
+    before = float((sample(den, solver, start, x_init=x_init, seeds=seeds) - target).flatten(1).pow(2).mean(1)
+                   .sqrt().mean())
+    times, after = refine_steps(den, solver, start, x_init=x_init, seeds=seeds, target=target)
+    assert after < before and times[0] == start[0] and times[-1] == 0.0
+    assert all(b < a for a, b in zip(times, times[1:], strict=False))

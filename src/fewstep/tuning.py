@@ -26,8 +26,8 @@ from fewstep.models.base import Cond, Denoiser
 from fewstep.sample import sample
 from fewstep.solvers import Solver, make_solver
 
-__all__ = ["FIXED_GRIDS", "StepSearch", "Tuned", "choose", "dp_path", "edge_costs", "search_steps", "teacher_states",
-           "tune"]
+__all__ = ["FIXED_GRIDS", "StepSearch", "Tuned", "choose", "dp_path", "edge_costs", "refine_steps", "search_steps",
+           "teacher_states", "tune"]
 
 
 def dp_path(cost: torch.Tensor, steps: int) -> tuple[list[int], float]:
@@ -123,6 +123,39 @@ def search_steps(den: Denoiser, solver: Solver | str, steps: int, *, shape: Sequ
     return StepSearch([c[i] for i in path], c, path, total, edges)
 
 
+def refine_steps(den: Denoiser, solver: Solver, times: Sequence[float], *, x_init: torch.Tensor,
+                 seeds: Sequence[int], target: torch.Tensor, cond: Cond = None,
+                 rounds: int = 4) -> tuple[list[float], float]:
+    """Coordinate descent on the end-point error of the real run (the solver's own multistep history included,
+    which the DP's one-step edges leave out): each interior time moves by a quarter of the span to its neighbours,
+    up or down, and stays where the error falls; the move halves after a sweep without gain, ``rounds`` times.
+    Returns the times and their error (RMSE against ``target``); never worse than the start."""
+
+    def err(ts: Sequence[float]) -> float:
+        out = sample(den, solver, list(ts), x_init=x_init, seeds=list(seeds), cond=cond, check=False)
+        return float((out - target).double().flatten(1).pow(2).mean(1).sqrt().mean())
+
+    best = [float(t) for t in times]
+    best_err = err(best)
+    scale = 0.25
+    for _ in range(rounds):
+        improved = True
+        while improved:
+            improved = False
+            for k in range(1, len(best) - 1):
+                span = best[k - 1] - best[k + 1]
+                for sign in (-1.0, 1.0):
+                    trial = list(best)
+                    trial[k] = best[k] + sign * scale * span / 2
+                    if not best[k + 1] < trial[k] < best[k - 1] or trial[k] < den.schedule.t_min:
+                        continue
+                    e = err(trial)
+                    if e < best_err:
+                        best, best_err, improved = trial, e, True
+        scale /= 2
+    return best, best_err
+
+
 FIXED_GRIDS = ("time_quadratic", "trailing", "logsnr", "karras", "time_uniform")
 
 
@@ -153,8 +186,9 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
          shape: Sequence[int], seeds: Sequence[int] = tuple(range(1000, 1032)),
          holdout: Sequence[int] = tuple(range(2000, 2064)), cond: Cond = None, holdout_cond: Cond = None,
          candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS) -> Tuned:
-    """The best plan for ``nfe`` network evaluations: for each solver, the DP-searched times
-    (:func:`search_steps`) and every fixed grid, each measured by its end-point error against the teacher on the
+    """The best plan for ``nfe`` network evaluations: for each solver, tuned times (the DP search,
+    :func:`search_steps`, and the best fixed grid, each refined by :func:`refine_steps` on the real run; the better
+    of the two) and every fixed grid, each measured by its end-point error against the teacher on the
     calibration ``seeds`` and on the ``holdout`` seeds (:func:`choose`: a tuner never returns a tuned grid that
     loses to a fixed configuration on held-out data)."""
     from fewstep.noise import SampleNoise
@@ -181,9 +215,13 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
         steps = _steps_for(solver, nfe)
         if steps is None:
             continue
-        options = {"tuned": search_steps(den, solver, steps, shape=shape, seeds=seeds, cond=cond, candidates=candidates,
-                                         states=cal_states, x_init=x_cal).times}
-        options.update({g: make_grid(g, den.schedule, steps).tolist() for g in fixed})
+        options = {g: make_grid(g, den.schedule, steps).tolist() for g in fixed}
+        dp = search_steps(den, solver, steps, shape=shape, seeds=seeds, cond=cond, candidates=candidates,
+                          states=cal_states, x_init=x_cal).times
+        starts = [dp, min(options.values(), key=lambda ts: err(solver, ts, x_cal, seeds, cond, cal_states[-1]))]
+        refined = [refine_steps(den, solver, ts, x_init=x_cal, seeds=seeds, target=cal_states[-1], cond=cond)
+                   for ts in starts]
+        options["tuned"] = min(refined, key=lambda r: r[1])[0]
         for grid, times in options.items():
             rows.append({"solver": name, "grid": grid, "times": list(times),
                          "calibration": err(solver, times, x_cal, seeds, cond, cal_states[-1])})
