@@ -5,8 +5,10 @@ from fewstep.caching import calibrate_cache, disable_cache, enable_cache, make_c
 from fewstep.hooks import CostMeter, NFECounter, ProgressBar, Timer, TrajectoryRecorder
 from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
+from fewstep.plan import Plan
 from fewstep.sample import sample
 from fewstep.solvers import SOLVERS, Solver, make_solver
+from fewstep.tuning import tune
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,7 @@ __all__ = [
     "Denoiser",
     "ModelDenoiser",
     "NFECounter",
+    "Plan",
     "ProgressBar",
     "Solver",
     "Timer",
@@ -33,4 +36,5 @@ __all__ = [
     "regenerate",
     "sample",
     "schedules",
+    "tune",
 ]
