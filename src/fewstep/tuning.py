@@ -123,6 +123,13 @@ def search_steps(den: Denoiser, solver: Solver | str, steps: int, *, shape: Sequ
     return StepSearch([c[i] for i in path], c, path, total, edges)
 
 
+def _rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean per-sample RMSE of ``x`` against ``ref`` (the harness's measure)."""
+    from fewstep.bench.metrics import rmse_per_sample  # scipy behind it: not at import time
+
+    return float(rmse_per_sample(x, ref).mean())
+
+
 def refine_steps(den: Denoiser, solver: Solver, times: Sequence[float], *, x_init: torch.Tensor,
                  seeds: Sequence[int], target: torch.Tensor, cond: Cond = None,
                  rounds: int = 4) -> tuple[list[float], float]:
@@ -133,7 +140,7 @@ def refine_steps(den: Denoiser, solver: Solver, times: Sequence[float], *, x_ini
 
     def err(ts: Sequence[float]) -> float:
         out = sample(den, solver, list(ts), x_init=x_init, seeds=list(seeds), cond=cond, check=False)
-        return float((out - target).double().flatten(1).pow(2).mean(1).sqrt().mean())
+        return _rmse(out, target)
 
     best = [float(t) for t in times]
     best_err = err(best)
@@ -207,7 +214,7 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
     def err(solver: Solver, times: Sequence[float], x: torch.Tensor, ids: Sequence[int], c: Cond,
             ref: torch.Tensor) -> float:
         out = sample(den, solver, list(times), x_init=x, seeds=list(ids), cond=c)
-        return float((out - ref).double().flatten(1).pow(2).mean(1).sqrt().mean())
+        return _rmse(out, ref)
 
     rows: list[dict[str, Any]] = []
     for name in solvers:

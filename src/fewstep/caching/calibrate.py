@@ -18,7 +18,8 @@ from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser
 from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["Calibration", "cache_error", "cache_from_spec", "calibrate_cache", "check_cache_spec", "magnitude_curve"]
+__all__ = ["Calibration", "cache_error", "cache_from_spec", "calibrate_cache", "check_cache_spec", "curve_of",
+           "magnitude_curve", "method_names", "pick"]
 
 
 @dataclass
@@ -81,11 +82,40 @@ def magnitude_curve(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
     _network(den, "magnitude_curve")
     sample(with_cache(den, lambda d: _Recorder(d, record=record)), solver, steps, shape=shape, seeds=seeds,
            grid=grid, cond=cond)
+    return curve_of(record)
+
+
+def curve_of(record: Sequence[tuple[float, float]]) -> MagnitudeCurve:
+    """The magnitude curve of recorded ``(clock, norm)`` pairs, norms at one clock (both guidance branches)
+    averaged."""
     by_clock: dict[float, list[float]] = {}
     for clock, norm in record:
         by_clock.setdefault(clock, []).append(norm)
     clocks = sorted(by_clock)
     return MagnitudeCurve(tuple(clocks), tuple(sum(by_clock[c]) / len(by_clock[c]) for c in clocks))
+
+
+def method_names(net: torch.nn.Module, method: str | None) -> list[str]:
+    """The methods a calibration tries on ``net``: ``method``, every one that applies (``"all"``), or the default
+    (DeepCache for U-Nets, the first-block cache for transformers)."""
+    kind = adapter_of(net).kind
+    if method is None:
+        return ["deepcache" if kind == "unet" else "block"]
+    if method == "all":
+        return [n for n, c in METHODS.items() if kind in c.kinds]
+    if method in METHODS:
+        METHODS[method].adapter_for(net)  # refuses a method this network cannot use
+        return [method]
+    raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
+
+
+def pick(table: list[tuple[str, dict[str, Any], float, float, float]], target: float) -> Calibration:
+    """The candidate with the least work whose error bound meets ``target`` (``none`` when no candidate does)."""
+    ok = [row for row in table if row[3] <= target]
+    if not ok:
+        return Calibration("none", {}, 0.0, 0.0, 1.0, table)
+    name, knobs, err, upper, work = min(ok, key=lambda row: (row[4], row[3]))
+    return Calibration(name, knobs, err, upper, work, table)
 
 
 def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, shape: Sequence[int],
@@ -106,16 +136,7 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
 
     target = _check_target(target_error)
     inner = _network(den, "calibrate_cache")
-    kind = adapter_of(inner.model).kind
-    if method is None:
-        names = ["deepcache" if kind == "unet" else "block"]
-    elif method == "all":
-        names = [n for n, c in METHODS.items() if kind in c.kinds]
-    elif method in METHODS:
-        names = [method]
-        METHODS[method].adapter_for(inner.model)  # refuses a method this network cannot use
-    else:
-        raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
+    names = method_names(inner.model, method)
     exact = sample(den, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond)
     ctx = SpecContext(solver, steps, tuple(shape), grid, cond)
     table = []
@@ -129,11 +150,7 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
             cached = make_cache(den, name, context=ctx, **knobs, **extra)
             out = sample(cached, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond, hooks=[stats])
             table.append((name, {**knobs, **extra}, *_rel_err(out, exact), stats.mean_work))
-    ok = [row for row in table if row[3] <= target]
-    if not ok:
-        return Calibration("none", {}, 0.0, 0.0, 1.0, table)
-    name, knobs, err, upper, work = min(ok, key=lambda row: (row[4], row[3]))
-    return Calibration(name, knobs, err, upper, work, table)
+    return pick(table, target)
 
 
 def cache_from_spec(den: Denoiser, spec: str, *, solver: Any, steps: int | torch.Tensor, shape: Sequence[int],
@@ -169,10 +186,7 @@ def check_cache_spec(den: Denoiser, spec: str) -> None:
         method = knobs.pop("method", None)
         if knobs:
             raise TypeError(f"auto takes target_error and method; got {sorted(knobs)}")
-        if method is not None and method != "all":
-            if method not in METHODS:
-                raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
-            METHODS[method].adapter_for(inner.model)
+        method_names(inner.model, method)
         return
     if name not in METHODS:
         raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}, auto")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fewstep.caching.adapters import adapter_of
-from fewstep.caching.calibrate import Calibration
+from fewstep.caching.calibrate import Calibration, curve_of
 from fewstep.caching.engines import _Engine, _Meters
 from fewstep.caching.methods import METHODS, FeatureCache
 from fewstep.caching.policies import MagnitudeCurve
@@ -165,8 +165,13 @@ def _enable(pipe: Any, net: torch.nn.Module, name: str, knobs: dict[str, Any], s
         recipe = cls.make_recipe(adapter, net, **knobs)
     except TypeError as err:
         raise TypeError(f"cache {name!r}: {err}") from None
+    return _install(pipe, net, cls, recipe, spec)
+
+
+def _install(pipe: Any, net: torch.nn.Module, cls: type[FeatureCache], recipe: Any, spec: str) -> PipelineCache:
+    """Wrap ``net``'s blocks in place for ``recipe`` and hook its forward; the handle :func:`disable_cache` undoes."""
     handle = PipelineCache(pipe, net, cls, recipe, spec)
-    handle._original = adapter.wrap_in_place(net, handle)
+    handle._original = cls.adapter_for(net).wrap_in_place(net, handle)
     handle._handles = [net.register_forward_pre_hook(handle._pre, with_kwargs=True),
                        net.register_forward_hook(handle._post, always_call=True)]
     _ENABLED[net] = handle
@@ -206,21 +211,12 @@ def pipeline_magnitude_curve(pipe: Any, *, seeds: Sequence[int] = (1000, 1001, 1
     net = denoising_network(pipe)
     record: list[tuple[float, float]] = []
     disable_cache(pipe)
-    adapter = _Recorder.adapter_for(net)
-    handle = PipelineCache(pipe, net, _Recorder, _Recorder.make_recipe(adapter, net, record=record), "record")
-    handle._original = adapter.wrap_in_place(net, handle)
-    handle._handles = [net.register_forward_pre_hook(handle._pre, with_kwargs=True),
-                       net.register_forward_hook(handle._post, always_call=True)]
-    _ENABLED[net] = handle
+    _install(pipe, net, _Recorder, _Recorder.make_recipe(_Recorder.adapter_for(net), net, record=record), "record")
     try:
         _latents(pipe, seeds, call)
     finally:
         disable_cache(pipe)
-    by_clock: dict[float, list[float]] = {}
-    for clock, norm in record:
-        by_clock.setdefault(clock, []).append(norm)
-    clocks = sorted(by_clock)
-    return MagnitudeCurve(tuple(clocks), tuple(sum(by_clock[c]) / len(by_clock[c]) for c in clocks))
+    return curve_of(record)
 
 
 def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | None = None,
@@ -229,21 +225,13 @@ def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | No
     uncached and with every candidate setting of ``method`` (``None``: DeepCache for U-Nets, the first-block cache
     for transformers; ``"all"``: every method the network supports) and returns the cheapest whose latents stay
     within ``target_error`` (mean per-sample relative error, held to its bootstrap 90th percentile)."""
-    from fewstep.caching.calibrate import _check_target, _rel_err
+    from fewstep.caching.calibrate import _check_target, _rel_err, method_names, pick
     from fewstep.pipelines import denoising_network
 
     target = _check_target(target_error)
     net = denoising_network(pipe)
     adapter = adapter_of(net)
-    if method is None:
-        names = ["deepcache" if adapter.kind == "unet" else "block"]
-    elif method == "all":
-        names = [n for n, c in METHODS.items() if adapter.kind in c.kinds]
-    elif method in METHODS:
-        METHODS[method].adapter_for(net)
-        names = [method]
-    else:
-        raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
+    names = method_names(net, method)
     disable_cache(pipe)
     exact = _latents(pipe, seeds, call)
     table = []
@@ -258,8 +246,4 @@ def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | No
             finally:
                 disable_cache(pipe)
             table.append((name, {**knobs, **extra}, *_rel_err(out, exact), handle.stats.mean_work))
-    ok = [row for row in table if row[3] <= target]
-    if not ok:
-        return Calibration("none", {}, 0.0, 0.0, 1.0, table)
-    name, knobs, err, upper, work = min(ok, key=lambda row: (row[4], row[3]))
-    return Calibration(name, knobs, err, upper, work, table)
+    return pick(table, target)
