@@ -51,6 +51,12 @@ def run(pipe, parts, scheduler, steps, seed=1, **kw):
     return out, len(calls)
 
 
+def on_the_scheduler_grid(den, scheduler, solver, cond, *, side=8):
+    """``fewstep.sample`` on the scheduler's planned grid from the noise a pipeline draws with seed 1."""
+    x_init = randn_tensor((1, 4, side, side), generator=torch.Generator().manual_seed(1))
+    return sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+
+
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -222,8 +228,7 @@ def test_sd3_pipeline_equals_fewstep_sample(sd3, solver, grid):
     scheduler = FewstepScheduler.from_config(base.config, solver=solver, grid=grid)
     got = run_sd3(sd3, scheduler)
     den = ClassifierFreeGuidance(from_diffusers(pipe.transformer, base.config), GUIDANCE, uncond=uncond)
-    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
-    want = sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    want = on_the_scheduler_grid(den, scheduler, solver, cond, side=8)
     assert rel(got, want) < (1e-4 if solver == "heun" else 1e-5)
 
 
@@ -264,8 +269,7 @@ def test_flux_pipeline_equals_fewstep_sample(flux, solver, grid):
     scheduler = FewstepScheduler.from_config(base.config, solver=solver, grid=grid)
     got = run_flux(flux, scheduler)
     den = from_diffusers(pipe.transformer, base.config, image_seq_len=64)
-    x_init = randn_tensor((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
-    want = sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    want = on_the_scheduler_grid(den, scheduler, solver, cond, side=16)
     assert rel(got, want) < (1e-4 if solver == "heun" else 1e-5)
 
 
@@ -340,8 +344,7 @@ def test_sdxl_pipeline_equals_fewstep_sample(sdxl, solver):
     scheduler = FewstepScheduler.from_config(base.config, solver=solver)
     got = run_sdxl(sdxl, scheduler)
     den = ClassifierFreeGuidance(from_diffusers(pipe.unet, base.config), GUIDANCE, uncond=uncond)
-    x_init = randn_tensor((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
-    want = sample(den, solver, torch.tensor(scheduler._plan.times, dtype=torch.float64), x_init=x_init, cond=cond)
+    want = on_the_scheduler_grid(den, scheduler, solver, cond, side=8)
     assert rel(got, want) < (1e-4 if solver == "heun" else 1e-5)
 
 
