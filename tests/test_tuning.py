@@ -127,3 +127,19 @@ def test_refinement_never_makes_the_run_worse():
     times, after = refine_steps(den, solver, start, x_init=x_init, seeds=seeds, target=target)
     assert after < before and times[0] == start[0] and times[-1] == 0.0
     assert all(b < a for a, b in zip(times, times[1:], strict=False))
+
+
+def test_teachers_are_solved_once_for_every_nfe(monkeypatch):
+    import fewstep.tuning as tuning
+
+    calls = []
+    real = tuning.teacher_states
+    monkeypatch.setattr(tuning, "teacher_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
+    teachers = {}
+    kw = {"solvers": ("ddim",), "shape": (4,), "seeds": range(4), "holdout": range(100, 104), "candidates": 8,
+          "teachers": teachers}
+    first = tuning.tune(den, "gmm", 3, **kw)
+    tuning.tune(den, "gmm", 4, **kw)
+    assert len(calls) == 2  # calibration and held-out teachers, once
+    assert first.rows == tuning.tune(den, "gmm", 3, **{**kw, "teachers": None}).rows

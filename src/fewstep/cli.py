@@ -367,11 +367,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     shape = den.sample_shape
     cond = _class_labels(den, args.label, len(args.seeds)) if args.label is not None else None
     hold_cond = _class_labels(den, args.label, len(args.holdout)) if args.label is not None else None
+    teachers: dict = {}  # one teacher solve for every NFE
     print("| NFE | plan | calibration error | held-out error | best fixed (held-out) |")
     print("|---|---|---|---|---|")
     for nfe in args.nfe:
         got = tune(den, args.model, nfe, solvers=args.solvers, shape=shape, seeds=args.seeds, holdout=args.holdout,
-                   cond=cond, holdout_cond=hold_cond, candidates=args.candidates)
+                   cond=cond, holdout_cond=hold_cond, candidates=args.candidates, teachers=teachers)
         path = got.plan.save(Path(out) / f"plan_nfe{nfe}.json")
         row = next(r for r in got.rows if r["solver"] == got.plan.solver and
                    r["grid"] == ("tuned" if got.plan.grid == "explicit" else got.plan.grid))

@@ -192,12 +192,14 @@ def _steps_for(solver: Solver, nfe: int) -> int | None:
 def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim", "dpmpp_2m"),
          shape: Sequence[int], seeds: Sequence[int] = tuple(range(1000, 1032)),
          holdout: Sequence[int] = tuple(range(2000, 2064)), cond: Cond = None, holdout_cond: Cond = None,
-         candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS) -> Tuned:
+         candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS,
+         teachers: dict[str, Any] | None = None) -> Tuned:
     """The best plan for ``nfe`` network evaluations: for each solver, tuned times (the DP search,
     :func:`search_steps`, and the best fixed grid, each refined by :func:`refine_steps` on the real run; the better
     of the two) and every fixed grid, each measured by its end-point error against the teacher on the
     calibration ``seeds`` and on the ``holdout`` seeds (:func:`choose`: a tuner never returns a tuned grid that
-    loses to a fixed configuration on held-out data)."""
+    loses to a fixed configuration on held-out data). ``teachers``: a dict kept across calls with the same model,
+    seeds, conditioning and candidates; the teacher solves are made once and kept there."""
     from fewstep.noise import SampleNoise
     from fewstep.plan import Plan
 
@@ -207,9 +209,13 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
     def noise(ids: Sequence[int]) -> torch.Tensor:
         return den.schedule.prior_std(t0) * SampleNoise(list(ids), tuple(shape)).draw()
 
-    x_cal, x_hold = noise(seeds), noise(holdout)
-    cal_states = teacher_states(den, cand, x_init=x_cal, seeds=seeds, cond=cond)
-    hold_ref = teacher_states(den, cand, x_init=x_hold, seeds=holdout, cond=holdout_cond)[-1]
+    teachers = {} if teachers is None else teachers
+    if not teachers:  # the teachers do not depend on the NFE: one solve serves every NFE
+        x_cal, x_hold = noise(seeds), noise(holdout)
+        teachers.update(x_cal=x_cal, x_hold=x_hold,
+                        cal_states=teacher_states(den, cand, x_init=x_cal, seeds=seeds, cond=cond),
+                        hold_ref=teacher_states(den, cand, x_init=x_hold, seeds=holdout, cond=holdout_cond)[-1])
+    x_cal, x_hold, cal_states, hold_ref = (teachers[k] for k in ("x_cal", "x_hold", "cal_states", "hold_ref"))
 
     def err(solver: Solver, times: Sequence[float], x: torch.Tensor, ids: Sequence[int], c: Cond,
             ref: torch.Tensor) -> float:
