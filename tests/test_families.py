@@ -199,7 +199,7 @@ def test_network_output_is_the_real_forward_and_converts(models, case):
     t = case.t if case.flow else den.schedule.time_of_index(500)
     x, cond = _randn(B, 2, 8, 8, seed=0), _cond(case.name, B)
     with torch.no_grad():
-        raw = den._call_model(x, t, cond)
+        raw = den.network(x, den.native_time(t), cond)
         ref = case.direct(model, x, _native(case, t), {**den.default_cond, **cond})
         x0 = den(x, t, cond)
     assert raw.shape == x.shape and torch.equal(raw, ref)
@@ -222,7 +222,7 @@ def test_flux_takes_sigma_and_sd3_sigma_times_1000(models, shift):
         assert (sigma == t) == (shift == 1.0)
         cond = _cond(name, B)
         with torch.no_grad():
-            raw = den._call_model(x, t, cond)
+            raw = den.network(x, den.native_time(t), cond)
             assert torch.equal(raw, direct(models[name], x, torch.full((B,), sigma * scale).float(), cond))
             wrong = direct(models[name], x, torch.full((B,), sigma * scale * 1000).float(), cond)
         assert not torch.allclose(raw, wrong)
@@ -236,7 +236,7 @@ def test_learned_sigma_keeps_the_first_half(models, name):
     ts = torch.full((2,), 500.0)
     with torch.no_grad():
         full = model(hidden_states=x, timestep=ts, **cond).sample
-        raw = den._call_model(x, den.schedule.time_of_index(500), cond)
+        raw = den.network(x, den.native_time(den.schedule.time_of_index(500)), cond)
     assert full.shape[1] == 4 and torch.equal(raw, full[:, :2])
 
 
@@ -386,6 +386,6 @@ def test_guidance_without_uncond(models):
 def test_plain_callables_keep_the_positional_call():
     den = ModelDenoiser(lambda x, t, shift=0.0: x * 0 + shift, DiscreteVP.named("linear"), default_cond={"shift": 1.0})
     assert den.family is None and den.required_cond == ()
-    assert torch.equal(den._call_model(torch.zeros(2, 3), 0.5, None), torch.ones(2, 3))
+    assert torch.equal(den.network(torch.zeros(2, 3), den.native_time(0.5), None), torch.ones(2, 3))
     with pytest.raises(ValueError, match="pass shape= yourself"):
         den.sample_shape  # noqa: B018

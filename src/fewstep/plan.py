@@ -56,6 +56,8 @@ class Plan:
         grid, grid_options, steps: a named grid (:data:`fewstep.grids.GRIDS`) with its knobs and a step count;
             or ``grid="explicit"`` with ``times``: the decreasing continuous times of the grid, the last one 0 or
             ``t_min`` (what a tuner finds).
+        model_times: with explicit ``times``, optionally the decoupled time the network is evaluated at for each
+            nonzero grid time (LD3; :class:`fewstep.models.retime.Retimed`); ``None``: the grid times themselves.
         cache: a cache spec (``"taylorseer:interval=3"``, ``"auto:target_error=0.02"``, ``""`` for none;
             :func:`fewstep.caching.cache_from_spec`).
         guidance: a classifier-free guidance scale for models with a default null condition (a class-conditional
@@ -70,6 +72,7 @@ class Plan:
     grid_options: Mapping[str, Any] = field(default_factory=dict)
     steps: int | None = None
     times: tuple[float, ...] | None = None
+    model_times: tuple[float, ...] | None = None
     cache: str = ""
     guidance: float | None = None
     dtype: str = "float32"
@@ -93,11 +96,16 @@ class Plan:
             object.__setattr__(self, "steps", len(times) - 1)
             if self.grid_options:
                 raise ValueError("grid_options are for a named grid, not grid='explicit'")
+            if self.model_times is not None:
+                from fewstep.models.retime import check_model_times
+
+                object.__setattr__(self, "model_times",
+                                   check_model_times(times, _plain(list(self.model_times), "model_times")))
         else:
             if self.grid not in GRIDS:
                 raise ValueError(f"unknown grid {self.grid!r}{suggest(self.grid, list(GRIDS) + ['explicit'])}")
-            if self.times is not None:
-                raise ValueError(f"times are for grid='explicit', not grid={self.grid!r}")
+            if self.times is not None or self.model_times is not None:
+                raise ValueError(f"times and model_times are for grid='explicit', not grid={self.grid!r}")
             if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
                 raise ValueError(f"plan steps must be an int >= 1 for grid={self.grid!r}, got {self.steps!r}")
         if not isinstance(self.cache, str):
@@ -113,7 +121,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": FORMAT, **asdict(self)}
-        out["times"] = None if self.times is None else list(self.times)
+        for key in ("times", "model_times"):
+            out[key] = None if getattr(self, key) is None else list(getattr(self, key))
         return out
 
     @classmethod
@@ -125,8 +134,9 @@ class Plan:
         if unknown:
             raise ValueError(f"unknown plan keys {unknown}; a plan has {', '.join(sorted(fields))}")
         body = {k: v for k, v in data.items() if k != "format"}
-        if body.get("times") is not None:
-            body["times"] = tuple(body["times"])
+        for key in ("times", "model_times"):
+            if body.get(key) is not None:
+                body[key] = tuple(body[key])
         return cls(**body)
 
     def to_json(self) -> str:
@@ -182,6 +192,10 @@ class Plan:
         if self.cache and self.cache != "none":  # calibrated (auto, magcache) on this plan's own times
             model, calibration = cache_from_spec(model, self.cache, solver=solver, steps=times, shape=shape,
                                                  cond=calibration_cond)
+        if self.model_times is not None:  # outermost: guidance and caches see the network's own times
+            from fewstep.models.retime import Retimed
+
+            model = Retimed(model, times.tolist(), self.model_times)
         return Sampler(self, model, solver, times, shape, calibration)
 
 

@@ -144,9 +144,14 @@ class ModelDenoiser(Denoiser):
                              f"{type(self.model).__name__}: pass shape= yourself")
         return self.family.sample_shape(self.model)
 
-    def _call_model(self, x: torch.Tensor, t: float, cond: Cond) -> torch.Tensor:
+    def network(self, x: torch.Tensor, native: float | torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """The network's own prediction (eps, v, velocity, ...) at its native time ``native`` (what a diffusers
+        scheduler passes it), with the default conditioning merged under ``cond``."""
         x_in = x if self.dtype is None else x.to(self.dtype)
-        timestep = torch.full((x.shape[0],), self.native_time(t), dtype=torch.float64, device=x.device)
+        if isinstance(native, torch.Tensor):  # differentiable in time
+            timestep = native.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
+        else:
+            timestep = torch.full((x.shape[0],), native, dtype=torch.float64, device=x.device)
         if self.dtype is not None and self.dtype != torch.float64:
             timestep = timestep.to(torch.float32)
         merged = {**self.default_cond, **dict(cond or {})}
@@ -166,11 +171,24 @@ class ModelDenoiser(Denoiser):
         sbar = sigma / alpha
         return 1.0 / (alpha * math.sqrt(sbar * sbar + self.sigma_data * self.sigma_data))
 
+    takes_tensor_time = True
+
     shift_size: tuple[int, int] | None = None
     """The latent size a dynamically shifted flow schedule was made for (``from_diffusers``); others are refused."""
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
-        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)  # validates t (NaN, range) before the network
+        """``x0_hat`` at ``t``. ``t`` may also be a 0-d float64 tensor: the prediction is then differentiable in
+        ``t`` (through the schedule, the conversion and the network's time input; :mod:`fewstep.differentiable`)."""
+        if isinstance(t, torch.Tensor):
+            from fewstep.differentiable import host
+
+            alpha, sigma = host(self.schedule.alpha, t), host(self.schedule.sigma, t)
+            native: float | torch.Tensor = host(self.native_time, t)
+            root = torch.sqrt
+        else:
+            root = math.sqrt
+            alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)  # validates t (NaN, range) first
+            native = self.native_time(t)
         if self.shift_size is not None and tuple(x.shape[-2:]) != self.shift_size:
             raise ValueError(f"this denoiser's flow shift is for {self.shift_size[0]}x{self.shift_size[1]} latents "
                              f"(use_dynamic_shifting); for {x.shape[-2]}x{x.shape[-1]} build it with "
@@ -179,7 +197,8 @@ class ModelDenoiser(Denoiser):
         if edm:
             sbar, sd = sigma / alpha, self.sigma_data
             norm = sbar * sbar + sd * sd
-        out = self._call_model(x * self.input_scale(t) if edm else x, t, cond)
+            scale = 1.0 / (alpha * root(norm))  # input_scale(t)
+        out = self.network(x * scale if edm else x, native, cond)
         if out.shape != x.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input of shape {tuple(x.shape)}")
         if self.prediction == "x0":
@@ -192,9 +211,11 @@ class ModelDenoiser(Denoiser):
         elif self.prediction == "flow":
             cx, co = 1.0, -sigma
         elif edm:  # c_skip xbar + c_out F
-            cx, co = sd * sd / (norm * alpha), sbar * sd / math.sqrt(norm) * (1.0 if self.prediction == "edm" else -1.0)
+            cx, co = sd * sd / (norm * alpha), sbar * sd / root(norm) * (1.0 if self.prediction == "edm" else -1.0)
         else:  # score
             cx, co = 1.0 / alpha, sigma * sigma / alpha
+        if isinstance(t, torch.Tensor):
+            return cx * x + co * out
         return lincomb([(cx, x), (co, out)])
 
     def __repr__(self) -> str:

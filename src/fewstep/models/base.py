@@ -49,6 +49,9 @@ class Denoiser(ABC):
     #: conditioning keys every call must carry (a text model's prompt embeddings); empty when the denoiser runs
     #: without any (an unconditional model, or one with a default null condition such as a class-conditional DiT)
     required_cond: tuple[str, ...] = ()
+    #: whether ``t`` may be a 0-d float64 tensor, the prediction then differentiable in it (a differentiable run
+    #: of :mod:`fewstep.differentiable`); float times always work
+    takes_tensor_time: bool = False
 
     @property
     def t_min(self) -> float:

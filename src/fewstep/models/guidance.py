@@ -35,6 +35,7 @@ class ClassifierFreeGuidance(Denoiser):
         self.uncond = uncond
         self.schedule = inner.schedule
         self.required_cond = inner.required_cond
+        self.takes_tensor_time = inner.takes_tensor_time
 
     def for_run(self, run: Run) -> Denoiser:
         """One per-run copy of the inner denoiser per branch: a cache inside keeps the conditional and the
