@@ -20,6 +20,9 @@ identity and ``init_noise_sigma`` is the prior's standard deviation at the first
 
 Per-run state (the grid, the solver's state, the outputs of the current step) is made by :meth:`set_timesteps`
 and lives nowhere else; two schedulers share nothing.
+
+:func:`diffusers_kwargs` goes the other way: a plan's times for a diffusers scheduler's own solver
+(``pipe(prompt, **diffusers_kwargs(plan, pipe.scheduler))``).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fewstep.grids import explicit, make_grid
 from fewstep.models.adapter import EDM_PREDICTIONS, ModelDenoiser
+from fewstep.models.retime import Retimed
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
 from fewstep.solvers import Solver, Step, make_solver
 
-__all__ = ["FewstepScheduler"]
+__all__ = ["FewstepScheduler", "diffusers_kwargs"]
 
 # Our own keys in the scheduler config; every other key is the base scheduler's, kept as it was.
 _OWN_KEYS = ("solver", "solver_options", "grid", "grid_options", "base_scheduler")
@@ -101,6 +105,7 @@ class _Plan:
     eval_times: list[float]
     eval_step: list[int]  # the solver step each evaluation belongs to (len(steps) = the final denoise-to-zero)
     step_first_eval: dict[int, int]  # solver step -> index of its first evaluation
+    model_times: list[float]  # where the network is evaluated for each: eval_times, or their decoupled times (LD3)
 
 
 @dataclass
@@ -210,10 +215,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         # DDIM/DDPM-style clip_sample clips x0_hat: a change of the denoiser that every solver then sees
         self._clip = float(base.get("clip_sample_range", 1.0)) if base.get("clip_sample") else None
         if grid == "explicit":  # a plan's own times (a tuned grid): validated on this model's schedule
-            times = dict(grid_options or {}).get("times")
-            if not isinstance(times, list | tuple) or set(dict(grid_options or {})) != {"times"}:
-                raise ValueError("grid='explicit' takes grid_options={'times': [...]} (decreasing continuous times)")
-            explicit(self._schedule, times)
+            given = dict(grid_options or {})
+            if not isinstance(given.get("times"), list | tuple) or not {"times"} <= set(given) <= {
+                    "times", "model_times"}:
+                raise ValueError("grid='explicit' takes grid_options={'times': [...]} (decreasing continuous times) "
+                                 "and optionally 'model_times': [...]")
+            explicit(self._schedule, given["times"])
+            if given.get("model_times") is not None:
+                Retimed(self._converter(), given["times"], given["model_times"])  # validated here
         elif grid != "diffusers":  # a bad grid name (with a suggestion) or knob fails here, not in the pipeline
             try:
                 make_grid(grid, self._schedule, 2, **dict(grid_options or {}))
@@ -260,7 +269,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def from_plan(cls, plan: Any, config: Any = None) -> FewstepScheduler:
         """A scheduler that samples as a :class:`~fewstep.plan.Plan` says: its solver and knobs, and its named grid
         or its explicit times (then ``num_inference_steps`` must be the plan's step count). ``config``: the
-        pipeline's scheduler (or its config); default: the scheduler config beside the plan's model."""
+        pipeline's scheduler (or its config); default: the scheduler config beside the plan's model.
+
+        A plan's ``model_times`` (LD3's decoupled network times; :class:`fewstep.models.retime.Retimed`) are what
+        the pipeline feeds the network: ``timesteps`` are their native times, while the solver steps over the plan's
+        ``times`` and :meth:`step` converts each output at the time the network was evaluated at."""
         if plan.cache:
             raise ValueError(f"a scheduler does not cache; put the plan's cache on the pipeline with "
                              f"fewstep.enable_cache(pipe, {plan.cache!r})")
@@ -272,8 +285,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
             config = load(plan.model).scheduler_config
         if plan.times is not None:
+            model_times = getattr(plan, "model_times", None)
+            options = {"times": list(plan.times)} | ({} if model_times is None else {"model_times": list(model_times)})
             return cls.from_config(config, solver=plan.solver, solver_options=dict(plan.solver_options),
-                                   grid="explicit", grid_options={"times": list(plan.times)})
+                                   grid="explicit", grid_options=options)
         return cls.from_config(config, solver=plan.solver, solver_options=dict(plan.solver_options),
                                grid=plan.grid, grid_options=dict(plan.grid_options))
 
@@ -311,7 +326,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return sample
         if timestep is None:
             raise ValueError("scale_model_input needs the timestep for an EDM-preconditioned model")
-        return sample * self._converter().input_scale(float(self._times_of(timestep)[0]))
+        return sample * self._converter().input_scale(float(self._times_of(timestep, model=True)[0]))
 
     def _converter(self, output: torch.Tensor | None = None) -> ModelDenoiser:
         """A ModelDenoiser whose 'network' returns ``output``: the adapter's own conversion to ``x0_hat``."""
@@ -376,10 +391,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             else:
                 times = make_grid(grid_name, schedule, int(num_inference_steps),
                                   **self.config.get("grid_options", {})).tolist()
-        self._plan = self._make_plan(schedule, times)
+        model_times = self.config["grid_options"].get("model_times") if grid_name == "explicit" else None
+        self._plan = self._make_plan(schedule, times, model_times)
         self._schedule, self._native = schedule, time_maps  # only once the whole plan stands
         device = torch.device(device) if device is not None else None
-        native = [to_native(t) for t in self._plan.eval_times]
+        native = [to_native(t) for t in self._plan.model_times]
         integral = isinstance(schedule, DiscreteVP) and all(abs(v - round(v)) < 1e-6 for v in native)
         self.timesteps = (torch.tensor([round(v) for v in native], dtype=torch.int64, device=device) if integral
                           else torch.tensor(native, dtype=torch.float32, device=device))
@@ -421,7 +437,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             times = times_of_sigmas(schedule, [float(s) for s in sigmas], self._base_class)
         return explicit(schedule, times).tolist()
 
-    def _make_plan(self, schedule: NoiseSchedule, times: list[float]) -> _Plan:
+    def _make_plan(self, schedule: NoiseSchedule, times: list[float],
+                   model_times: Sequence[float] | None = None) -> _Plan:
         to_zero = times[-1] == 0.0
         count = len(times) - 1
         steps = [Step.of(schedule, i, count, times[i], times[i + 1], to_zero=to_zero)
@@ -451,7 +468,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"solver {self._solver_name!r} does not first evaluate the model on the initial "
                              "noise at the first time, where a diffusers pipeline always evaluates first; run it "
                              "with fewstep.sample instead")
-        return _Plan(schedule, times, steps, eval_times, eval_step, first)
+        retimed = None if model_times is None else Retimed(self._converter(), times, model_times)
+        return _Plan(schedule, times, steps, eval_times, eval_step, first,
+                     eval_times if retimed is None else [retimed.time_of(t) for t in eval_times])
 
     # ------------------------------------------------------------------ stepping
 
@@ -482,7 +501,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                                                      rel_tol=1e-5, abs_tol=1e-4):
             raise ValueError(f"step got timestep {float(torch.as_tensor(timestep).flatten()[0])}, expected "
                              f"{float(expected)} (evaluation {run.eval_index}); steps must follow scheduler.timesteps")
-        t_eval = plan.eval_times[run.eval_index]
+        t_eval = plan.model_times[run.eval_index]  # the network's time: the solver's, unless decoupled
         if model_output.shape[1] == 2 * sample.shape[1] and str(self._base.get("variance_type")).startswith("learned"):
             model_output = model_output[:, : sample.shape[1]]  # a predicted variance beside the prediction (IF)
         # The pipeline's model saw scale_model_input(sample); the adapter converts its output at the raw sample.
@@ -511,14 +530,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ noising (img2img, inpainting)
 
-    def _times_of(self, timesteps: Any) -> torch.Tensor:
-        """Fewstep times of diffusers timesteps: the planned time of a timestep of this run (exact, float64),
-        else the native-time inverse; a time that a float32 timestep rounds just past the schedule's end is put on
-        it, a timestep outside the model's range raises."""
+    def _times_of(self, timesteps: Any, *, model: bool = False) -> torch.Tensor:
+        """Fewstep times of diffusers timesteps: the planned time of a timestep of this run (exact, float64; the
+        solver's, or with ``model`` the network's, which differ with decoupled model times), else the native-time
+        inverse; a time that a float32 timestep rounds just past the schedule's end is put on it, a timestep outside
+        the model's range raises."""
         from_native, schedule = self._native[1], self._schedule
         values = torch.as_tensor(timesteps).flatten().tolist()
-        planned = {} if self.timesteps is None else {
-            float(v): t for v, t in zip(self.timesteps.tolist(), self._plan.eval_times, strict=True)}
+        planned = {} if self.timesteps is None else {float(v): t for v, t in zip(
+            self.timesteps.tolist(), self._plan.model_times if model else self._plan.eval_times, strict=True)}
         return torch.tensor([planned[float(v)] if float(v) in planned
                              else min(max(from_native(v), 0.0), schedule.t_max) for v in values], dtype=torch.float64)
 
@@ -535,3 +555,114 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Flow pipelines' name for :meth:`add_noise` (``sigma noise + (1 - sigma) sample``)."""
         return self.add_noise(sample, noise, timestep)
+
+
+# ---------------------------------------------------------------------------------- a plan for diffusers' own solvers
+
+
+def diffusers_kwargs(plan: Any, scheduler: Any, *, mu: float | None = None) -> dict[str, list[float] | list[int]]:
+    """The ``set_timesteps`` keyword arguments that make a diffusers scheduler sample on a plan's times with its
+    *own* solver: ``pipe(prompt, **diffusers_kwargs(plan, pipe.scheduler))``.
+
+    Only the times travel: the plan's explicit ``times``, or its named grid made on the schedule of the scheduler's
+    config (:func:`fewstep.models.scheduler_config.schedule_from_config`). The plan's solver, cache and guidance are
+    not a diffusers scheduler's to run (:meth:`FewstepScheduler.from_plan` runs the solver too). The values are in
+    the scheduler's own convention, and diffusers itself has the last word: a fresh copy of the scheduler runs
+    ``set_timesteps`` with them, and the grid it makes (:func:`fewstep.models.scheduler_config.diffusers_grid`)
+    must be the plan's, with one network evaluation per step start.
+
+    * ``{"sigmas": [...]}`` where the scheduler takes sigmas. Beta tables (``EulerDiscreteScheduler``): the
+      k-diffusion sigmas ``sigma / alpha`` of every time, the plan's final 0 (or ``sigma_min``) included, since
+      Euler evaluates at all sigmas but the last. Flow matching (``FlowMatchEulerDiscreteScheduler``): the flow
+      sigmas *before* the scheduler's shift, which are the times ``t`` themselves (diffusers shifts given sigmas,
+      by ``shift`` or by the pipeline's ``mu``); evaluation points only, as it appends the final sigma 0 itself.
+      (``UniPCMultistepScheduler`` takes sigmas only with ``use_flow_sigmas=True``, and then as an array only:
+      refused.)
+    * ``{"timesteps": [...]}`` where only integer timesteps are taken (``DPMSolverMultistepScheduler``,
+      ``DPMSolverSinglestepScheduler``, ``HeunDiscreteScheduler``, ``DDPMScheduler``, ``LCMScheduler``,
+      ``TCDScheduler``): the times are **rounded to training steps** (refused where two round to the same step);
+      evaluation points only, the scheduler ending where its config says (``final_sigmas_type``: ``"zero"`` for
+      a plan ending at 0, ``"sigma_min"`` for one ending at ``t_min``).
+
+    Refused with a ``ValueError``: a plan with ``model_times`` (LD3-style decoupled network times: diffusers'
+    schedulers evaluate the network where they step), a scheduler whose ``set_timesteps`` takes neither keyword
+    (DDIM, DEIS, PNDM, the EDM schedulers, ...), or one that, so configured, does not sample on the plan's times.
+    ``mu``: the dynamic shift of a ``use_dynamic_shifting`` config, needed only to make a named grid (explicit
+    times are unshifted sigmas, the same whatever the pipeline's ``mu``).
+    """
+    import inspect
+
+    import diffusers
+
+    from fewstep.models.scheduler_config import EDM_SCHEDULERS, _as_config, _scheduler, diffusers_grid
+
+    if getattr(plan, "model_times", None) is not None:
+        raise ValueError("diffusers' schedulers evaluate the network at the times they step to, so a plan with "
+                         "model_times cannot be exported; use FewstepScheduler.from_plan(plan, pipe.scheduler)")
+    cfg = _as_config(scheduler)
+    name = cfg.get("_class_name")
+    if name == FewstepScheduler.__name__:
+        raise ValueError("a FewstepScheduler runs a plan itself: FewstepScheduler.from_plan(plan, pipe.scheduler)")
+    if not name or not isinstance(getattr(diffusers, str(name), None), type):
+        raise ValueError("diffusers_kwargs needs the diffusers scheduler itself (pipe.scheduler) or a config with "
+                         "its _class_name")
+    if name in EDM_SCHEDULERS:
+        raise ValueError(f"diffusers' {name} takes no sigmas (EDMEulerScheduler's sigmas= is a ramp through its "
+                         "sigma_schedule); use FewstepScheduler.from_plan(plan, pipe.scheduler)")
+    takes = inspect.signature(getattr(diffusers, name).set_timesteps).parameters
+    keys = [k for k in ("sigmas", "timesteps") if k in takes]
+    if not keys:
+        raise ValueError(f"diffusers' {name}.set_timesteps takes neither sigmas= nor timesteps=; use "
+                         "FewstepScheduler.from_plan(plan, pipe.scheduler) to sample on the plan's times")
+    schedule, times, mu = _plan_times(plan, cfg, mu)
+    refusals = []
+    for key in keys:
+        if key == "sigmas":  # sigma / alpha of a beta table; the unshifted flow sigma, t itself
+            values: list = [schedule.sigma(t) / schedule.alpha(t) if t > 0 else 0.0 for t in times] if isinstance(
+                schedule, DiscreteVP) else list(times)
+            expected = times
+        elif isinstance(schedule, DiscreteVP):
+            values = [round(schedule.sigma_index(t)) for t in times if t > 0]
+            merged = [(a, b) for a, b, n, m in zip(times, times[1:], values, values[1:], strict=False) if n == m]
+            if merged:
+                raise ValueError(f"diffusers' {name} takes integer timesteps only, and rounded to training steps the "
+                                 f"plan's times {merged[0][0]:g} and {merged[0][1]:g} fall on the same step")
+            expected = [schedule.time_of_index(n) for n in values] + ([0.0] if times[-1] == 0.0 else [])
+        else:
+            refusals.append(f"timesteps=: integer training steps of a beta table, not of {schedule!r}")
+            continue
+        # evaluation points only (the scheduler appends the end), or every time (it takes the end in the list)
+        for given in (values[: len(times) - 1], values) if len(values) == len(times) else (values,):
+            kwargs = {key: given}
+            try:
+                grid = diffusers_grid(cfg, schedule, None, **kwargs, **({} if mu is None else {"mu": mu})).tolist()
+                fresh = _scheduler(cfg)
+                fresh.set_timesteps(**kwargs, **({} if mu is None else {"mu": mu}))
+            except (ValueError, TypeError) as err:  # refused by diffusers (UniPC: flow sigmas only, as an array)
+                refusals.append(f"{key}=: {str(err).splitlines()[0]}")
+                continue
+            evaluations = len(set(fresh.timesteps.tolist()))
+            if evaluations == len(times) - 1 and len(grid) == len(expected) and all(
+                    math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) for a, b in zip(grid, expected, strict=True)):
+                return kwargs
+            refusals.append(f"{key}= gives {evaluations} evaluations on times {[round(t, 5) for t in grid]}")
+    raise ValueError(f"diffusers' {name}, so configured, does not sample on the plan's times "
+                     f"{[round(t, 5) for t in times]}: {'; '.join(dict.fromkeys(refusals))}")
+
+
+def _plan_times(plan: Any, cfg: Mapping[str, Any], mu: float | None) -> tuple[NoiseSchedule, list[float], float | None]:
+    """(the schedule of ``cfg``, the plan's times on it, the ``mu`` to run diffusers' ``set_timesteps`` with)."""
+    from fewstep.models.scheduler_config import schedule_from_config
+
+    dynamic = bool(cfg.get("use_dynamic_shifting"))
+    if mu is not None and not dynamic:
+        raise ValueError("mu was given but the scheduler config has no use_dynamic_shifting")
+    if dynamic and mu is None:
+        if plan.times is None:
+            raise ValueError(f"a named grid ({plan.grid!r}) on a use_dynamic_shifting schedule depends on the image "
+                             "size; pass mu= (the pipeline's)")
+        mu = 0.0 if cfg.get("time_shift_type", "exponential") == "exponential" else 1.0  # shift 1: t = sigma
+    schedule, _ = schedule_from_config(cfg, mu=mu)
+    if plan.times is not None:
+        return schedule, explicit(schedule, plan.times).tolist(), mu
+    return schedule, make_grid(plan.grid, schedule, plan.steps, **dict(plan.grid_options)).tolist(), mu
