@@ -114,7 +114,8 @@ def test_sample_writes_whole_files_only(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["sample", "--model", "dit_s", "--label", "99", "--out", "x.png"], "--label 99 is out of range"),
-    (["sample", "--model", "dit_s", "--label", "seven", "--out", "x.png"], "integer class or 'cycle'"),
+    (["sample", "--model", "dit_s", "--label", "seven", "--out", "x.png"],
+     "integer class, a list or range of them, or 'cycle'"),
     (["sample", "--model", "unet_s", "--label", "3", "--out", "x.png"], "needs a class-conditional model"),
     (["sample", "--model", "unet_s", "--steps", "1000000000000", "--out", "x.png"], "at most 100,000 steps"),
     (["sample", "--model", "unet_s", "--seeds", "0-1000000000", "--out", "x.png"], "at most 1,000,000"),

@@ -97,11 +97,12 @@ def test_cli_tune_writes_plans_that_sample_runs(tmp_path, capsys):
     from fewstep.plan import Plan
 
     argv = ["tune", "--model", "unet_s", "--nfe", "3,4", "--solvers", "ddim,dpmpp_2m", "--seeds", "1000-1003",
-            "--holdout", "2000-2003", "--candidates", "8", "--out", str(tmp_path / "plans")]
+            "--holdout", "2000-2003", "--candidates", "8", "--iterations", "3", "--out", str(tmp_path / "plans")]
     (tmp_path / "plans").mkdir()
     assert main(argv) == 0, capsys.readouterr().err
-    plans = sorted(p.name for p in (tmp_path / "plans").iterdir())
-    assert plans == ["plan_nfe3.json", "plan_nfe4.json"]
+    written = sorted(p.name for p in (tmp_path / "plans").iterdir())
+    assert written == ["error_vs_nfe.png", "grid.png", "plan_nfe3.json", "plan_nfe4.json", "report.md", "steps.png",
+                       "tune.sqlite"]
     plan = Plan.load(tmp_path / "plans" / "plan_nfe4.json")
     assert plan.build().solver.nfe(plan.steps, to_zero=True) == 4
     assert main(["sample", "--plan", str(tmp_path / "plans" / "plan_nfe4.json"), "--seeds", "0-1", "--quiet",
@@ -143,3 +144,78 @@ def test_teachers_are_solved_once_for_every_nfe(monkeypatch):
     tuning.tune(den, "gmm", 4, **kw)
     assert len(calls) == 2  # calibration and held-out teachers, once
     assert first.rows == tuning.tune(den, "gmm", 3, **{**kw, "teachers": None}).rows
+
+
+def test_a_tune_made_to_lose_on_held_out_seeds_returns_the_fixed_grid(monkeypatch):
+    """The calibration teacher is made to mislead (its end point is a coarse 3-step DDIM run on an odd grid): the
+    tuned grid fits it best on the calibration seeds and loses on the held-out ones, so the best fixed grid on
+    held-out data is the plan."""
+    import fewstep.tuning as tuning
+
+    den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
+    real = tuning.teacher_states
+    calibration = list(range(4))
+
+    def misleading(den_, cand, *, x_init, seeds, cond=None, **kw):
+        states = real(den_, cand, x_init=x_init, seeds=seeds, cond=cond, **kw)
+        if list(seeds) == calibration:
+            c = cand.tolist()
+            states[-1] = sample(den_, "ddim", [c[0], c[1], c[-2], 0.0], x_init=x_init, seeds=seeds)
+        return states
+
+    monkeypatch.setattr(tuning, "teacher_states", misleading)
+    got = tuning.tune(den, "gmm", 3, solvers=("ddim",), shape=(4,), seeds=calibration, holdout=range(100, 132),
+                      candidates=10, diffusers=False)
+    tuned = next(r for r in got.rows if r["grid"] == "tuned")
+    fixed = [r for r in got.rows if r["grid"] != "tuned"]
+    assert tuned["calibration"] < min(r["calibration"] for r in fixed)  # it wins where it was fitted
+    best = min(fixed, key=lambda r: r["holdout"])
+    assert tuned["holdout"] > best["holdout"]  # and loses on held-out data
+    assert got.fell_back and got.plan.grid == best["grid"] and got.plan.steps == 3 and got.chosen is best
+
+
+def test_an_interrupted_tune_resumes_from_its_store(tmp_path, monkeypatch):
+    import fewstep.tuning as tuning
+    from fewstep.tune_store import TuneStore
+
+    den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
+    kw = {"solvers": ("ddim", "dpmpp_2m"), "shape": (4,), "seeds": range(4), "holdout": range(100, 108),
+          "candidates": 8, "diffusers": False}
+    fresh = tuning.tune(den, "gmm", 3, **kw)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    real_search = tuning.search_steps
+    monkeypatch.setattr(tuning, "search_steps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune(den, "gmm", 3, store=TuneStore(tmp_path / "tune.sqlite"), **kw)
+    assert TuneStore(tmp_path / "tune.sqlite").count() == (1, len(tuning.FIXED_GRIDS))  # teachers, ddim's grids
+    monkeypatch.setattr(tuning, "search_steps", real_search)
+    resumed = tuning.tune(den, "gmm", 3, store=TuneStore(tmp_path / "tune.sqlite"), **kw)
+    assert resumed.rows == fresh.rows and resumed.plan == fresh.plan
+    for name in ("search_steps", "teacher_states", "refine_steps", "refine_by_gradient"):
+        monkeypatch.setattr(tuning, name, interrupted)
+    again = tuning.tune(den, "gmm", 3, store=TuneStore(tmp_path / "tune.sqlite"), **kw)  # nothing recomputed
+    assert again.rows == fresh.rows and again.plan == fresh.plan
+
+
+def test_tune_by_gradient_with_decoupled_times_and_diffusers_rows():
+    """A zoo network takes tensor times: the tuned rows come from gradient refinement, a decoupled row is there,
+    and diffusers' DDIM (trailing) is fewstep's DDIM on the trailing grid, from the same noise."""
+    from fewstep import zoo
+    from fewstep.tuning import tune
+
+    den = zoo.load("unet_s")
+    got = tune(den, "unet_s", 4, solvers=("ddim",), shape=den.sample_shape, seeds=range(1000, 1004),
+               holdout=range(4), candidates=8, iterations=4)
+    grids = [r["grid"] for r in got.rows if r["kind"] == "fewstep"]
+    assert grids == [*["time_quadratic", "trailing", "logsnr", "karras", "time_uniform"], "tuned", "tuned_decoupled"]
+    decoupled = next(r for r in got.rows if r["grid"] == "tuned_decoupled")
+    assert len(decoupled["model_times"]) == 4 and decoupled["model_times"] != decoupled["times"][:-1]
+    peers = {r["solver"]: r for r in got.rows if r["kind"] == "diffusers"}
+    assert {"DDIM", "DPM++2M", "UniPC", "DEIS", "Euler"} <= set(peers) and "Heun" not in peers  # Heun: odd NFE only
+    trailing = next(r for r in got.rows if r["grid"] == "trailing")
+    assert peers["DDIM"]["holdout"] == pytest.approx(trailing["holdout"], abs=1e-5)
+    assert got.plan.build(den).solver.nfe(got.plan.steps, to_zero=True) == 4
+    assert set(got.samples) >= {"chosen", "best fixed", "best diffusers"}

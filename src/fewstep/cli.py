@@ -174,12 +174,14 @@ def _class_labels(den: object, label: str | None, n: int) -> dict[str, torch.Ten
     if label == "cycle":
         return {"class_labels": torch.arange(n) % classes}
     try:
-        value = int(label)
+        values = parse_seeds(label)
     except ValueError:
-        raise ValueError(f"--label must be an integer class or 'cycle', got {label!r}") from None
-    if not 0 <= value < classes:
-        raise ValueError(f"--label {value} is out of range: this model has classes 0-{classes - 1}")
-    return {"class_labels": torch.full((n,), value)}
+        raise ValueError(f"--label must be an integer class, a list or range of them, or 'cycle', got {label!r}") \
+            from None
+    bad = [v for v in values if not 0 <= v < classes]
+    if bad:
+        raise ValueError(f"--label {bad[0]} is out of range: this model has classes 0-{classes - 1}")
+    return {"class_labels": torch.tensor(values)[torch.arange(n) % len(values)]}
 
 
 def _sample_plan(args: argparse.Namespace) -> Any:
@@ -356,31 +358,64 @@ def _check_caches(models: list[str], caches: list[str]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from fewstep.bench.tune_report import write_tune_report
     from fewstep.outputs import check_output_dir
+    from fewstep.tune_store import TuneStore
     from fewstep.tuning import tune
     from fewstep.zoo import load
 
-    out = check_output_dir(args.out)  # before any work
-    for name in args.solvers:
+    out = Path(check_output_dir(args.out))  # before any work
+    for name in [*args.solvers, *args.compare]:
         make_solver(name)
+    if args.minutes is not None and not args.minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     den = load(args.model)
     shape = den.sample_shape
-    cond = _class_labels(den, args.label, len(args.seeds)) if args.label is not None else None
-    hold_cond = _class_labels(den, args.label, len(args.holdout)) if args.label is not None else None
+    hold_label = args.holdout_label if args.holdout_label is not None else args.label
+    cond = _class_labels(den, args.label, len(args.seeds))
+    hold_cond = _class_labels(den, hold_label, len(args.holdout))
+    if args.guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
+        raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as dit_s)")
+    fd = _digits_fd(den) if len(args.holdout) > 64 else None  # FD needs more samples than its 64 features
+    out.mkdir(parents=True, exist_ok=True)
+    store = TuneStore(out / "tune.sqlite")
     teachers: dict = {}  # one teacher solve for every NFE
-    print("| NFE | plan | calibration error | held-out error | best fixed (held-out) |")
-    print("|---|---|---|---|---|")
+    results, images = [], {}
+    print("| NFE | plan | held-out error | best fixed (held-out) | best diffusers (held-out) | teacher s | search s |")
+    print("|---|---|---|---|---|---|---|")
     for nfe in args.nfe:
         got = tune(den, args.model, nfe, solvers=args.solvers, shape=shape, seeds=args.seeds, holdout=args.holdout,
-                   cond=cond, holdout_cond=hold_cond, candidates=args.candidates, teachers=teachers)
-        path = got.plan.save(Path(out) / f"plan_nfe{nfe}.json")
-        row = next(r for r in got.rows if r["solver"] == got.plan.solver and
-                   r["grid"] == ("tuned" if got.plan.grid == "explicit" else got.plan.grid))
-        fixed = min((r for r in got.rows if r["grid"] != "tuned"), key=lambda r: r["holdout"])
-        label = f"{got.plan.solver} {'tuned steps' if got.plan.grid == 'explicit' else got.plan.grid}"
-        print(f"| {nfe} | {label} -> {path} | {row['calibration']:.4f} | {row['holdout']:.4f} | "
-              f"{fixed['holdout']:.4f} ({fixed['solver']} {fixed['grid']}) |", flush=True)
+                   cond=cond, holdout_cond=hold_cond, guidance=args.guidance, candidates=args.candidates,
+                   compare=args.compare, decouple=not args.no_decouple, iterations=args.iterations,
+                   minutes=args.minutes, diffusers=not args.no_diffusers, fd=fd, store=store, teachers=teachers)
+        path = got.plan.save(out / f"plan_nfe{nfe}.json")
+        results.append(got.result())
+        images.update({f"NFE {nfe}: {label}": x for label, x in got.samples.items()})
+        row = got.chosen
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return "—"
+            name = r["solver"] if r["kind"] == "diffusers" else f"{r['solver']} {r['grid']}"
+            return f"{r['holdout']:.4f} ({name})"
+
+        fixed = min((r for r in got.rows if r["kind"] == "fewstep" and r["grid"] not in ("tuned", "tuned_decoupled")),
+                    key=lambda r: r["holdout"])
+        peer = min((r for r in got.rows if r["kind"] == "diffusers"), key=lambda r: r["holdout"], default=None)
+        print(f"| {nfe} | {row['solver']} {row['grid']} -> {path} | {row['holdout']:.4f} | {cell(fixed)} | "
+              f"{cell(peer)} | {got.teacher_seconds:.0f} | {got.search_seconds:.0f} |", flush=True)
+    store.close()
+    print(f"report: {write_tune_report(out, args.model, results, images=images, schedule=den.schedule)}")
     return 0
+
+
+def _digits_fd(den: Any) -> Any:
+    """The digits FD for the shipped 8x8 digits models, else ``None``."""
+    if tuple(getattr(den, "sample_shape", ())) != (1, 8, 8):
+        return None
+    from fewstep.bench.metrics import DigitsFD
+
+    return DigitsFD()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -484,21 +519,40 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
-    tun = sub.add_parser("tune", help="time steps tuned for a model and NFE, checked on held-out seeds, as plans",
-                         description="Search the time steps of each solver for each NFE (dynamic programming over "
-                                     "a fine candidate grid against a teacher solve), compare with the fixed grids "
-                                     "on calibration and held-out seeds, and write the best plan per NFE (a tuned "
-                                     "grid that loses on held-out seeds gives way to the best fixed one). Example: "
+    tun = sub.add_parser("tune", help="the best plan per NFE for a model: tuned time steps, checked on held-out seeds",
+                         description="Per NFE: search the time steps of each --solvers solver against a teacher "
+                                     "solve (dynamic programming over a fine candidate grid, then gradient descent "
+                                     "through a differentiable run, then learned network times), compare with the "
+                                     "fixed grids of those and the --compare solvers and with diffusers' schedulers "
+                                     "on held-out seeds, and write the best plan (a tuned grid that loses on held-out "
+                                     "seeds gives way to the best fixed one) and a report. Rerunning with the same "
+                                     "--out resumes from its tune.sqlite. Example: "
                                      "fewstep tune --model unet_m --nfe 4,5,6,8 --out plans")
     tun.add_argument("--model", required=True, help="zoo model name or a diffusers folder")
     tun.add_argument("--nfe", type=_step_list, default=[4, 5, 6, 8], help="network evaluations (4,5,6,8)")
     tun.add_argument("--solvers", type=lambda s: s.split(","), default=["ddim", "dpmpp_2m"],
                      help="candidate solvers (ddim,dpmpp_2m)")
+    from fewstep.tuning import COMPARE
+
+    tun.add_argument("--compare", type=lambda s: [x for x in s.split(",") if x], default=list(COMPARE),
+                     help=f"more solvers run on the fixed grids only, the best fixed configuration a tuned plan "
+                          f"must beat ({','.join(COMPARE)}; '' for none)")
     tun.add_argument("--seeds", type=_seeds, default=parse_seeds("1000-1031"), help="calibration seeds (1000-1031)")
     tun.add_argument("--holdout", type=_seeds, default=parse_seeds("2000-2063"), help="held-out seeds (2000-2063)")
     tun.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid steps (40)")
-    tun.add_argument("--label", default=None, help="class label(s) for class-conditional models, as for sample")
-    tun.add_argument("--out", required=True, help="folder for the plans (plan_nfe<N>.json)")
+    tun.add_argument("--label", default=None,
+                     help="class-conditional models: the calibration labels (an int, a list or range such as 0-4, "
+                          "cycled over the seeds, or cycle for all classes)")
+    tun.add_argument("--holdout-label", default=None, help="the held-out labels, as --label (default: --label's)")
+    tun.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale the plan is tuned for (models with a null label)")
+    tun.add_argument("--minutes", type=float, default=None, help="search budget per NFE (teacher not counted)")
+    tun.add_argument("--iterations", type=_positive_int, default=150, help="gradient steps per refinement (150)")
+    tun.add_argument("--no-decouple", action="store_true", help="no learned network times (tuned_decoupled rows)")
+    tun.add_argument("--no-diffusers", action="store_true", help="no diffusers scheduler rows")
+    tun.add_argument("--out", required=True,
+                     help="folder for the plans (plan_nfe<N>.json), the report (report.md, steps.png, "
+                          "error_vs_nfe.png, grid.png) and tune.sqlite (a rerun resumes from it)")
     tun.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="run solvers side by side (optionally with diffusers) into a results DB",

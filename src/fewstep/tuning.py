@@ -14,8 +14,9 @@ References: *On the Trajectory Regularity of ODE-based Diffusion Sampling* (Chen
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -131,12 +132,13 @@ def _rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def refine_steps(den: Denoiser, solver: Solver, times: Sequence[float], *, x_init: torch.Tensor,
-                 seeds: Sequence[int], target: torch.Tensor, cond: Cond = None,
-                 rounds: int = 4) -> tuple[list[float], float]:
+                 seeds: Sequence[int], target: torch.Tensor, cond: Cond = None, rounds: int = 4,
+                 deadline: float | None = None) -> tuple[list[float], float]:
     """Coordinate descent on the end-point error of the real run (the solver's own multistep history included,
     which the DP's one-step edges leave out): each interior time moves by a quarter of the span to its neighbours,
     up or down, and stays where the error falls; the move halves after a sweep without gain, ``rounds`` times.
-    Returns the times and their error (RMSE against ``target``); never worse than the start."""
+    Returns the times and their error (RMSE against ``target``); never worse than the start. ``deadline`` (a
+    ``time.perf_counter()`` value) ends the search early."""
 
     def err(ts: Sequence[float]) -> float:
         out = sample(den, solver, list(ts), x_init=x_init, seeds=list(seeds), cond=cond, check=False)
@@ -147,7 +149,7 @@ def refine_steps(den: Denoiser, solver: Solver, times: Sequence[float], *, x_ini
     scale = 0.25
     for _ in range(rounds):
         improved = True
-        while improved:
+        while improved and (deadline is None or time.perf_counter() < deadline):
             improved = False
             for k in range(1, len(best) - 1):
                 span = best[k - 1] - best[k + 1]
@@ -163,21 +165,122 @@ def refine_steps(den: Denoiser, solver: Solver, times: Sequence[float], *, x_ini
     return best, best_err
 
 
+@dataclass
+class Refined:
+    """What :func:`refine_by_gradient` found: the times, the decoupled network times (or ``None``), the
+    calibration error and the number of gradient steps taken."""
+
+    times: list[float]
+    model_times: list[float] | None
+    error: float
+    iterations: int
+
+
+def refine_by_gradient(den: Denoiser, solver: str, times: Sequence[float], *, x_init: torch.Tensor,
+                       target: torch.Tensor, cond: Cond = None, decouple: bool = False, iterations: int = 60,
+                       lr: float = 0.05, deadline: float | None = None) -> Refined:
+    """LD3-style refinement: Adam on the end-point error (mean per-sample RMSE against ``target``) of a
+    differentiable run of ``solver`` (:func:`fewstep.differentiable.run`), from ``times`` (ending at 0).
+
+    The first time stays (and a last nonzero time at ``t_min``); the others are the first time minus the
+    cumulative sums of positive increments (a softmax of free logits times the span down to ``t_min``), so every
+    iterate is a valid decreasing grid. With
+    ``decouple``, each network time is also free: ``s_i = t_i exp(d_i)`` (capped at ``t_max``), from ``d = 0``.
+    Returns the best iterate seen (never worse than the start); ``deadline`` (a ``time.perf_counter()`` value)
+    ends the iterations early."""
+    from fewstep.differentiable import run
+
+    ts = [float(t) for t in times]
+    if ts[-1] != 0.0 or len(ts) < 3:
+        err = _rmse(run(den, solver, torch.tensor(ts, dtype=torch.float64), x_init=x_init, cond=cond), target)
+        return Refined(ts, None, err, 0)
+    sched = den.schedule
+    first, floor = ts[0], sched.t_min
+    nonzero = ts[:-1]
+    gaps = [a - b for a, b in zip(nonzero, nonzero[1:], strict=False)] + [nonzero[-1] - floor]
+    if gaps[-1] <= 1e-12 * (first - floor):  # the grid ends at t_min before its final 0: that time stays
+        gaps = gaps[:-1]
+        tail = [floor, 0.0]
+    else:
+        tail = [0.0]
+    if min(gaps) <= 0:
+        raise ValueError(f"times must be decreasing and stay above t_min={floor} before the final 0, got {ts}")
+    logits = torch.tensor(gaps, dtype=torch.float64).log().requires_grad_(True)
+    params = [logits]
+    logscale = torch.zeros(len(nonzero), dtype=torch.float64, requires_grad=decouple)
+    if decouple:
+        params.append(logscale)
+    opt = torch.optim.Adam(params, lr=lr)
+    span = first - floor
+
+    def grid() -> tuple[torch.Tensor, torch.Tensor]:
+        inc = torch.softmax(logits, 0) * span
+        inner = first - torch.cumsum(inc, 0)[:-1]
+        t = torch.cat([torch.tensor([first], dtype=torch.float64), inner, torch.tensor(tail, dtype=torch.float64)])
+        s = torch.clamp(t[:-1] * logscale.exp(), max=sched.t_max)
+        return t, s
+
+    best: Refined | None = None
+    for k in range(iterations + 1):
+        t, s = grid()
+        out = run(den, solver, t, x_init=x_init, cond=cond, model_times=s if decouple else None)
+        loss = (out - target).double().flatten(1).pow(2).mean(1).sqrt().mean()
+        value = loss.item()
+        if best is None or value < best.error:
+            best = Refined(t.detach().tolist(), s.detach().tolist() if decouple else None, value, k)
+        if k == iterations or (deadline is not None and time.perf_counter() > deadline):
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert best is not None
+    return best
+
+
 FIXED_GRIDS = ("time_quadratic", "trailing", "logsnr", "karras", "time_uniform")
+COMPARE = ("dpmpp_3m", "unipc", "deis", "ipndm", "f_ddim", "f_dpmsolver", "heun", "dpm_solver_2")
+"""The solvers ``fewstep tune`` also runs on the fixed grids, by default: the best fixed configuration."""
+TUNED = ("tuned", "tuned_decoupled")
+"""Grid labels of searched times (``tuned_decoupled``: with learned network times)."""
+
+# diffusers' deterministic schedulers, the rows a tune is compared with (stochastic ones have no fixed end point)
+DIFFUSERS_PEERS = ("DDIM", "Euler", "Heun", "DPM++2M", "DPM++3M", "UniPC", "DEIS")
 
 
 @dataclass
 class Tuned:
-    """What :func:`tune` chose at one NFE: the plan, and every candidate's end-point error (mean per-sample RMSE
-    against the teacher) on the calibration and the held-out seeds."""
+    """What :func:`tune` chose at one NFE: the plan; every candidate's end-point error (mean per-sample RMSE
+    against the teacher) on the calibration and the held-out seeds (``rows``; diffusers' schedulers held-out
+    only), with its held-out FD when asked; the seconds spent on teacher solves and on the search; and the first
+    held-out samples of the chosen plan, the best fixed grid and the best diffusers scheduler (for a report)."""
 
     nfe: int
     plan: Any
     rows: list[dict[str, Any]]
+    teacher_seconds: float = 0.0
+    search_seconds: float = 0.0
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def fell_back(self) -> bool:
         return self.plan.grid != "explicit"
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        if self.fell_back:
+            grid = self.plan.grid
+        else:
+            grid = "tuned_decoupled" if self.plan.model_times is not None else "tuned"
+        return next(r for r in self.rows if r["kind"] == "fewstep" and r["solver"] == self.plan.solver
+                    and r["grid"] == grid)
+
+    def result(self) -> dict[str, Any]:
+        """This NFE as :func:`fewstep.bench.tune_report.write_tune_report` takes it."""
+        row = self.chosen
+        return {"nfe": self.nfe, "rows": self.rows, "teacher_seconds": self.teacher_seconds,
+                "search_seconds": self.search_seconds,
+                "chosen": {"solver": row["solver"], "grid": row["grid"], "times": row["times"],
+                           "model_times": row.get("model_times")}}
 
 
 def _steps_for(solver: Solver, nfe: int) -> int | None:
@@ -189,73 +292,261 @@ def _steps_for(solver: Solver, nfe: int) -> int | None:
     return None
 
 
+def _peer_net(den: Denoiser, cond: Cond, guidance: float | None) -> Any:
+    """The network as diffusers' schedulers call it, ``net(x, timestep) -> prediction``, with ``cond`` bound and
+    classifier-free guidance applied to the prediction (affine in it, so this is the same guidance as fewstep's
+    on ``x0_hat``)."""
+    from fewstep.models import ModelDenoiser
+
+    if not isinstance(den, ModelDenoiser):
+        raise ValueError("diffusers' schedulers need a network with a scheduler config (a ModelDenoiser)")
+
+    def net(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        native = float(timestep)
+        out = den.network(x, native, cond)
+        if guidance is None:
+            return out
+        uncond = den.network(x, native, None)
+        return uncond + guidance * (out - uncond)
+
+    return net
+
+
 def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim", "dpmpp_2m"),
          shape: Sequence[int], seeds: Sequence[int] = tuple(range(1000, 1032)),
          holdout: Sequence[int] = tuple(range(2000, 2064)), cond: Cond = None, holdout_cond: Cond = None,
-         candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS,
-         teachers: dict[str, Any] | None = None) -> Tuned:
-    """The best plan for ``nfe`` network evaluations: for each solver, tuned times (the DP search,
-    :func:`search_steps`, and the best fixed grid, each refined by :func:`refine_steps` on the real run; the better
-    of the two) and every fixed grid, each measured by its end-point error against the teacher on the
-    calibration ``seeds`` and on the ``holdout`` seeds (:func:`choose`: a tuner never returns a tuned grid that
-    loses to a fixed configuration on held-out data). ``teachers``: a dict kept across calls with the same model,
-    seeds, conditioning and candidates; the teacher solves are made once and kept there."""
+         guidance: float | None = None, candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS,
+         compare: Sequence[str] = (), decouple: bool = True, iterations: int = 150, minutes: float | None = None,
+         diffusers: bool = True,
+         fd: Any = None, store: Any = None, teachers: dict[str, Any] | None = None) -> Tuned:
+    """The best plan for ``nfe`` network evaluations of ``den`` (named ``model`` in the plan).
+
+    For each solver: every fixed grid; the DP search (:func:`search_steps`) against a teacher solve; refinement
+    of the DP result and of the best fixed grid on the real run's end-point error — by gradient through a
+    differentiable run (:func:`refine_by_gradient`, ``iterations / 2`` Adam steps from each start, ``iterations``
+    for the decoupled one) for the solvers of
+    :data:`fewstep.differentiable.DIFFERENTIABLE` on denoisers that take tensor times (``takes_tensor_time``),
+    else by coordinate descent (:func:`refine_steps`) — giving the
+    ``tuned`` row; with ``decouple``, the tuned row refined once more with free network times
+    (``tuned_decoupled``). Every row is measured on the calibration ``seeds`` (with ``cond``) and the ``holdout``
+    seeds (with ``holdout_cond``); diffusers' deterministic schedulers at the same NFE on the held-out seeds
+    (``diffusers``); ``fd``: a callable giving the FD of held-out samples. :func:`choose` picks the plan: a
+    tuned grid that loses to a fixed one on held-out data gives way to it.
+
+    ``guidance``: classifier-free guidance scale (the model's default null condition is the negative one).
+    ``minutes``: the search's time budget for this NFE (refinements stop early; teacher solves not counted).
+    ``store``: a :class:`fewstep.tune_store.TuneStore`; teachers and rows found there are not recomputed (an
+    interrupted tune resumes). ``teachers``: a dict kept across calls, the same in memory.
+    """
+    from fewstep.differentiable import DIFFERENTIABLE
+    from fewstep.models import ClassifierFreeGuidance
+    from fewstep.models.retime import Retimed
     from fewstep.noise import SampleNoise
     from fewstep.plan import Plan
+    from fewstep.tune_store import fingerprint
 
+    started = time.perf_counter()
+    deadline = None if minutes is None else started + 60.0 * minutes
+    net: Denoiser = den if guidance is None else ClassifierFreeGuidance(den, float(guidance))
+    seeds, holdout = list(seeds), list(holdout)
     cand = make_grid("time_quadratic", den.schedule, candidates)
     t0 = float(cand[0])
+    context = {"model": model, "schedule": repr(den.schedule), "shape": list(shape), "seeds": seeds,
+               "holdout": holdout, "cond": cond, "holdout_cond": holdout_cond, "guidance": guidance,
+               "candidates": candidates}
+    ckey = fingerprint(context)
 
     def noise(ids: Sequence[int]) -> torch.Tensor:
         return den.schedule.prior_std(t0) * SampleNoise(list(ids), tuple(shape)).draw()
 
+    teacher_seconds = 0.0
     teachers = {} if teachers is None else teachers
-    if not teachers:  # the teachers do not depend on the NFE: one solve serves every NFE
+    if teachers.get("key") != ckey:
+        teachers.clear()
+        t1 = time.perf_counter()
         x_cal, x_hold = noise(seeds), noise(holdout)
-        teachers.update(x_cal=x_cal, x_hold=x_hold,
-                        cal_states=teacher_states(den, cand, x_init=x_cal, seeds=seeds, cond=cond),
-                        hold_ref=teacher_states(den, cand, x_init=x_hold, seeds=holdout, cond=holdout_cond)[-1])
+        loaded = None if store is None else store.states(ckey)
+        if loaded is None:
+            cal_states = teacher_states(net, cand, x_init=x_cal, seeds=seeds, cond=cond)
+            hold_ref = teacher_states(net, cand, x_init=x_hold, seeds=holdout, cond=holdout_cond)[-1]
+            if store is not None:
+                store.put_states(ckey, [*cal_states, hold_ref])
+        else:
+            cal_states, hold_ref = loaded[:-1], loaded[-1]
+        teachers.update(key=ckey, x_cal=x_cal, x_hold=x_hold, cal_states=cal_states, hold_ref=hold_ref)
+        teacher_seconds = time.perf_counter() - t1
     x_cal, x_hold, cal_states, hold_ref = (teachers[k] for k in ("x_cal", "x_hold", "cal_states", "hold_ref"))
+    target = cal_states[-1]
 
-    def err(solver: Solver, times: Sequence[float], x: torch.Tensor, ids: Sequence[int], c: Cond,
-            ref: torch.Tensor) -> float:
-        out = sample(den, solver, list(times), x_init=x, seeds=list(ids), cond=c)
-        return _rmse(out, ref)
+    def run_plan(solver: Solver, times: Sequence[float], model_times: Sequence[float] | None, x: torch.Tensor,
+                 ids: Sequence[int], c: Cond) -> torch.Tensor:
+        model_ = net if model_times is None else Retimed(net, times, model_times)
+        return sample(model_, solver, list(times), x_init=x, seeds=list(ids), cond=c)
+
+    samples: dict[str, torch.Tensor] = {}
+
+    def measured(row: dict[str, Any], key: str) -> dict[str, Any]:
+        """``row`` with its held-out error (and FD), stored under ``key``; its held-out samples kept."""
+        solver = make_solver(row["solver"])
+        out = run_plan(solver, row["times"], row.get("model_times"), x_hold, holdout, holdout_cond)
+        row["holdout"] = _rmse(out, hold_ref)
+        row["fd"] = None if fd is None else float(fd(out))
+        samples[f"{row['solver']} {row['grid']}"] = out[:8]
+        if store is not None:
+            store.put_row(key, row)
+        return row
+
+    def stored(key: str) -> dict[str, Any] | None:
+        row = None if store is None else store.row(key)
+        if row is not None and row.get("kind") == "fewstep":  # the samples of the report, from the same noise
+            solver = make_solver(row["solver"])
+            samples[f"{row['solver']} {row['grid']}"] = run_plan(solver, row["times"], row.get("model_times"),
+                                                                 x_hold[:8], holdout[:8], _head(holdout_cond, 8))
+        return row
 
     rows: list[dict[str, Any]] = []
+
+    def row_key(name: str, grid: str) -> str:
+        return fingerprint([ckey, nfe, name, grid, list(fixed), iterations, decouple])
+
+    def fixed_rows(name: str, solver: Solver, steps: int) -> None:
+        for grid in fixed:
+            key = row_key(name, grid)
+            row = stored(key)
+            if row is None:
+                times = make_grid(grid, den.schedule, steps).tolist()
+                cal = _rmse(run_plan(solver, times, None, x_cal, seeds, cond), target)
+                row = measured({"solver": name, "grid": grid, "kind": "fewstep", "times": times,
+                                "model_times": None, "calibration": cal}, key)
+            rows.append(row)
+
     for name in solvers:
         solver = make_solver(name)
         steps = _steps_for(solver, nfe)
         if steps is None:
             continue
-        options = {g: make_grid(g, den.schedule, steps).tolist() for g in fixed}
-        dp = search_steps(den, solver, steps, shape=shape, seeds=seeds, cond=cond, candidates=candidates,
-                          states=cal_states, x_init=x_cal).times
-        starts = [dp, min(options.values(), key=lambda ts: err(solver, ts, x_cal, seeds, cond, cal_states[-1]))]
-        refined = [refine_steps(den, solver, ts, x_init=x_cal, seeds=seeds, target=cal_states[-1], cond=cond)
-                   for ts in starts]
-        options["tuned"] = min(refined, key=lambda r: r[1])[0]
-        for grid, times in options.items():
-            rows.append({"solver": name, "grid": grid, "times": list(times),
-                         "calibration": err(solver, times, x_cal, seeds, cond, cal_states[-1])})
+        by_gradient = name in DIFFERENTIABLE and net.takes_tensor_time
+        fixed_rows(name, solver, steps)
+        key = row_key(name, "tuned")
+        tuned = stored(key)
+        if tuned is None:
+            dp = search_steps(net, solver, steps, shape=shape, seeds=seeds, cond=cond, candidates=candidates,
+                              states=cal_states, x_init=x_cal).times
+            best_fixed = min((r for r in rows if r["solver"] == name), key=lambda r: r["calibration"])["times"]
+            found: list[tuple[list[float], float]] = []
+            for start in (dp, best_fixed):
+                if by_gradient:
+                    got = refine_by_gradient(net, name, start, x_init=x_cal, target=target, cond=cond,
+                                             iterations=max(1, iterations // 2), deadline=deadline)
+                    found.append((got.times, got.error))
+                else:
+                    found.append(refine_steps(net, solver, start, x_init=x_cal, seeds=seeds, target=target, cond=cond,
+                                              deadline=deadline))
+            times = min(found, key=lambda f: f[1])[0]
+            cal = _rmse(run_plan(solver, times, None, x_cal, seeds, cond), target)
+            tuned = measured({"solver": name, "grid": "tuned", "kind": "fewstep", "times": times,
+                              "model_times": None, "calibration": cal}, key)
+        rows.append(tuned)
+        if decouple and by_gradient:
+            key = row_key(name, "tuned_decoupled")
+            row = stored(key)
+            if row is None:
+                got = refine_by_gradient(net, name, tuned["times"], x_init=x_cal, target=target, cond=cond,
+                                         decouple=True, iterations=iterations, deadline=deadline)
+                if got.model_times is not None:
+                    cal = _rmse(run_plan(solver, got.times, got.model_times, x_cal, seeds, cond), target)
+                    row = measured({"solver": name, "grid": "tuned_decoupled", "kind": "fewstep",
+                                    "times": got.times, "model_times": got.model_times, "calibration": cal}, key)
+            if row is not None:
+                rows.append(row)
     if not rows:
         raise ValueError(f"none of the solvers {list(solvers)} runs in exactly {nfe} evaluations")
-    for row in rows:
-        row["holdout"] = err(make_solver(row["solver"]), row["times"], x_hold, holdout, holdout_cond, hold_ref)
+    for name in compare:  # fixed grids only: the best fixed configuration a tuned plan must beat
+        solver = make_solver(name)
+        steps = _steps_for(solver, nfe)
+        if name not in solvers and steps is not None and not solver.stochastic:
+            fixed_rows(name, solver, steps)
+    if diffusers and getattr(den, "scheduler_config", None):
+        rows.extend(_diffusers_rows(den, nfe, x_hold, hold_ref, holdout_cond, guidance, fd, samples,
+                                    store, lambda label: fingerprint([ckey, nfe, "diffusers", label])))
     chosen = choose(rows)
-    if chosen["grid"] == "tuned":
-        plan = Plan(model=model, solver=chosen["solver"], grid="explicit", times=tuple(chosen["times"]))
+    if chosen["grid"] in TUNED:
+        plan = Plan(model=model, solver=chosen["solver"], grid="explicit", times=tuple(chosen["times"]),
+                    model_times=None if chosen.get("model_times") is None else tuple(chosen["model_times"]),
+                    guidance=guidance)
     else:
-        plan = Plan(model=model, solver=chosen["solver"], grid=chosen["grid"], steps=len(chosen["times"]) - 1)
-    return Tuned(nfe, plan, rows)
+        plan = Plan(model=model, solver=chosen["solver"], grid=chosen["grid"], steps=len(chosen["times"]) - 1,
+                    guidance=guidance)
+    search_seconds = time.perf_counter() - started - teacher_seconds
+    got = Tuned(nfe, plan, rows, teacher_seconds, search_seconds)
+    keep = {"chosen": got.chosen, "best fixed": _best(rows, "fewstep", fixed=True),
+            "best diffusers": _best(rows, "diffusers")}
+    got.samples = {label: samples[f"{r['solver']} {r['grid']}"] for label, r in keep.items()
+                   if r is not None and f"{r['solver']} {r['grid']}" in samples}
+    return got
+
+
+def _head(cond: Cond, n: int) -> Cond:
+    """The conditioning of the first ``n`` samples (per-sample tensors cut, others kept)."""
+    if cond is None:
+        return None
+    return {k: v[:n] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] > n else v for k, v in cond.items()}
+
+
+def _best(rows: Sequence[dict[str, Any]], kind: str, *, fixed: bool = False) -> dict[str, Any] | None:
+    pool = [r for r in rows if r["kind"] == kind and not (fixed and r["grid"] in TUNED)]
+    return min(pool, key=lambda r: r["holdout"]) if pool else None
+
+
+def _diffusers_rows(den: Denoiser, nfe: int, x_hold: torch.Tensor, hold_ref: torch.Tensor, cond: Cond,
+                    guidance: float | None, fd: Any, samples: dict[str, torch.Tensor], store: Any,
+                    key_of: Any) -> list[dict[str, Any]]:
+    """diffusers' deterministic schedulers (``timestep_spacing="trailing"``, pinned settings of
+    :data:`fewstep.bench.peers.PEERS`) at exactly ``nfe`` counted evaluations on the held-out noise."""
+    import json
+
+    from fewstep.bench.peers import applicable, run_diffusers
+
+    config = json.loads(json.dumps(dict(den.scheduler_config)))  # type: ignore[attr-defined]
+    net = _peer_net(den, cond, guidance)
+    rows = []
+    for label in applicable(config):
+        if label not in DIFFUSERS_PEERS:
+            continue
+        key = key_of(label)
+        row = None if store is None else store.row(key)
+        if row is None:
+            found = None
+            for steps in dict.fromkeys((nfe, (nfe + 1) // 2, nfe // 2)):  # Heun: 2 evaluations a step
+                if steps < 1:
+                    continue
+                out, calls = run_diffusers(label, net, config, x_hold, steps)
+                if calls == nfe:
+                    found = out
+                    break
+            if found is None:
+                continue
+            label_name = "Euler (FlowMatch)" if config.get("_class_name", "").startswith("FlowMatch") else label
+            row = {"solver": label_name, "grid": label_name, "kind": "diffusers", "times": None,
+                   "model_times": None, "calibration": None, "holdout": _rmse(found, hold_ref),
+                   "fd": None if fd is None else float(fd(found))}
+            samples[f"{row['solver']} {row['grid']}"] = found[:8]
+            if store is not None:
+                store.put_row(key, row)
+        else:
+            out, _ = run_diffusers(label, net, config, x_hold[:8], nfe if label != "Heun" else (nfe + 1) // 2)
+            samples[f"{row['solver']} {row['grid']}"] = out
+        rows.append(row)
+    return rows
 
 
 def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The row with the least calibration error; but a tuned grid whose held-out error is above the best fixed
-    grid's held-out error gives way to that fixed grid."""
-    chosen = min(rows, key=lambda r: r["calibration"])
-    fixed = [r for r in rows if r["grid"] != "tuned"]
-    if chosen["grid"] == "tuned" and fixed:
+    """Among fewstep's rows, the one with the least calibration error; but a tuned grid whose held-out error is
+    above the best fixed grid's held-out error gives way to that fixed grid."""
+    ours = [r for r in rows if r.get("kind", "fewstep") == "fewstep"]
+    chosen = min(ours, key=lambda r: r["calibration"])
+    fixed = [r for r in ours if r["grid"] not in TUNED]
+    if chosen["grid"] in TUNED and fixed:
         best_fixed = min(fixed, key=lambda r: r["holdout"])
         if chosen["holdout"] > best_fixed["holdout"]:
             return best_fixed
