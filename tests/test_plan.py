@@ -1,5 +1,6 @@
 """One ``Plan``: JSON round trips, ``build()`` gives the sampler ``sample()`` would run, ``FewstepScheduler.from_plan``
-reproduces it inside a pipeline, and ``fewstep sample --plan`` runs it."""
+reproduces it inside a pipeline, ``fewstep sample --plan`` and ``fewstep generate --plan`` run it, and ``fewstep bench
+--plans`` measures it beside the fixed solvers."""
 
 import diffusers
 import numpy as np
@@ -129,3 +130,117 @@ def test_cli_sample_runs_a_plan(tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "c.npz")]) == 2
     assert "give --model" in capsys.readouterr().err
     assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return tiny.stable_diffusion(tmp_path_factory.mktemp("pipes") / "sd")
+
+
+def test_cli_generate_runs_a_plan(sd_folder, tmp_path, capsys):
+    """``generate --plan`` = the same flags: solver, named grid and steps, cache and guidance on the pipeline, dtype
+    as the weights'; and explicit times (here the karras grid's own) = that named grid."""
+    from fewstep.cli import main
+    from fewstep.pipelines import load_pipeline
+
+    argv = ["generate", "--pipeline", str(sd_folder), "--prompt", "a cat", "--seeds", "0-1", "--quiet"]
+    plan = Plan(model=str(sd_folder), solver="dpmpp_2m", grid="karras", steps=4, cache="taylorseer:interval=2",
+                guidance=3.0)
+    path = plan.save(tmp_path / "p.json")
+    assert main([*argv, "--plan", str(path), "--out", str(tmp_path / "a.npz")]) == 0
+    assert "dpmpp_2m on the karras grid of" in capsys.readouterr().out
+    assert main([*argv, "--solver", "dpmpp_2m", "--grid", "karras", "--steps", "4", "--cache",
+                 "taylorseer:interval=2", "--guidance", "3", "--out", str(tmp_path / "b.npz")]) == 0
+    pipe = load_pipeline(sd_folder)
+    times = make_grid("karras", from_diffusers(pipe.unet, pipe.scheduler.config).schedule, 4).tolist()
+    explicit = Plan(model="sd", solver="dpmpp_2m", grid="explicit", times=times)
+    assert main([*argv, "--plan", str(explicit.save(tmp_path / "e.json")), "--out", str(tmp_path / "e.npz")]) == 0
+    assert main([*argv, "--solver", "dpmpp_2m", "--grid", "karras", "--steps", "4",
+                 "--out", str(tmp_path / "f.npz")]) == 0
+    with (np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b, np.load(tmp_path / "e.npz") as e,
+          np.load(tmp_path / "f.npz") as f):
+        assert np.array_equal(a["latents"], b["latents"]) and int(a["network_calls"]) == int(b["network_calls"])
+        assert np.array_equal(e["latents"], f["latents"]) and np.array_equal(e["timesteps"], f["timesteps"])
+        assert not np.array_equal(a["latents"], f["latents"])  # the cache and the guidance did act
+    half = Plan(model="sd", solver="unipc", grid="logsnr", steps=3, dtype="bfloat16")  # the weights' dtype
+    assert main([*argv, "--plan", str(half.save(tmp_path / "h.json")), "--out", str(tmp_path / "h.npz")]) == 0
+    assert main([*argv, "--solver", "unipc", "--grid", "logsnr", "--steps", "3", "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "i.npz")]) == 0
+    with np.load(tmp_path / "h.npz") as h, np.load(tmp_path / "i.npz") as i:
+        assert np.array_equal(h["latents"], i["latents"])
+
+
+@pytest.mark.parametrize(("argv", "plan", "message"), [
+    (["--solver", "ddim"], {}, "drop --solver"),
+    (["--steps", "4", "--grid", "karras"], {}, "drop --steps, --grid"),
+    (["--option", "eta=1"], {}, "drop --option"),
+    (["--cache", "none"], {}, "drop --cache"),
+    (["--guidance", "2"], {}, "drop --guidance"),
+    (["--dtype", "float32", "--device", "cpu"], {}, "drop --dtype, --device"),
+    ([], {"dtype": "float64"}, "a pipeline runs in float32, float16, bfloat16, the plan asks for float64"),
+    ([], {"cache": "deepcach"}, "unknown cache 'deepcach'"),
+    ([], {"grid_options": {"rhoo": 7}}, "rhoo"),
+])
+def test_cli_generate_refuses_what_a_plan_gives(tmp_path, capsys, monkeypatch, argv, plan, message):
+    """Refused before the pipeline loads: 'nowhere' is no pipeline folder, and that is not the error."""
+    from fewstep.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = Plan(model="sd", grid="karras", steps=4, **plan).save(tmp_path / "p.json")
+    code = main(["generate", "--pipeline", "nowhere", "--prompt", "x", "--plan", str(path), *argv, "--out", "x.png"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_cli_generate_refuses_a_plan_device_it_lacks(tmp_path, capsys):
+    from fewstep.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    path = Plan(model="sd", steps=4, device="cuda").save(tmp_path / "p.json")
+    code = main(["generate", "--pipeline", "nowhere", "--prompt", "x", "--plan", str(path), "--out",
+                 str(tmp_path / "x.png")])
+    assert code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_bench_runs_plans_beside_the_solvers(unet, tmp_path, capsys):
+    """A ``--plans`` row is the plan's own ``build(den).sample`` against the bench's reference, labelled by the file's
+    stem; it resumes like any row, and an edited plan is a new experiment."""
+    from fewstep.bench import Experiment, ResultStore, rmse_per_sample, sweep
+    from fewstep.cli import main
+    from fewstep.hooks import NFECounter
+
+    times = make_grid("time_quadratic", unet.schedule, 4).tolist()
+    times[2] = 0.5 * (times[1] + times[3])
+    plan = Plan(model="unet_s", solver="dpmpp_2m", grid="explicit", times=times)
+    path = plan.save(tmp_path / "plan_nfe4.json")
+    db = tmp_path / "r.sqlite"
+    argv = ["bench", "--models", "unet_s", "--solvers", "ddim", "--steps", "3", "--seeds", "0-7", "--plans",
+            str(path), "--db", str(db)]
+    assert main([*argv, "--report", str(tmp_path / "report")]) == 0
+    assert "2 experiments run here" in capsys.readouterr().out
+    assert "| plan_nfe4 |" in (tmp_path / "report" / "report.md").read_text()
+    store = ResultStore(db, readonly=True)
+    rows = {r["label"]: r for r in store.rows()}
+    assert set(rows) == {"ddim", "plan_nfe4"} and rows["plan_nfe4"]["experiment"].plan == plan.to_dict()
+    counter = NFECounter()
+    own = plan.build(unet).sample(seeds="0-7", hooks=[counter])
+    ref = store.reference("unet_s", "0-7")[0]
+    assert rows["plan_nfe4"]["error"] == float(rmse_per_sample(own, ref).mean())
+    assert rows["plan_nfe4"]["nfe"] == counter.nfe == 4
+    assert torch.equal(store.samples(rows["plan_nfe4"]["key"]), own)
+    store.close()
+    assert main(argv) == 0 and "0 experiments run here" in capsys.readouterr().out
+    Plan(model="unet_s", solver="ddim", grid="explicit", times=times).save(path)  # edited in place: rerun
+    assert main(argv) == 0 and "1 experiments run here" in capsys.readouterr().out
+    # the keys of plan-free experiments are as before plans existed; a plan runs on its own model
+    assert "plan" not in Experiment("unet_s", "ddim", 10).to_dict()
+    exps = sweep(["unet_m"], ["ddim"], [3], seeds="0-7", plans={"p": plan})
+    assert [(e.model, e.label) for e in exps] == [("unet_m", "ddim"), ("unet_s", "p")]
+    assert Experiment.from_json(exps[1].to_json()) == exps[1]
+    with pytest.raises(ValueError, match="label of another unet_s row"):
+        sweep(["unet_s"], ["ddim"], [3], plans={"ddim": plan})
+    assert main([*argv[:-4], "--plans", f"{path},{tmp_path / 'x' / path.name}", "--db", str(db)]) == 2
+    assert "two plan files are named 'plan_nfe4'" in capsys.readouterr().err

@@ -244,7 +244,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_plan(args: argparse.Namespace) -> Any:
+    """``fewstep generate --plan FILE``'s plan (``None`` without one): refused with a flag it gives, or with a
+    dtype or device this command cannot honour."""
+    if args.plan is None:
+        return None
+    from fewstep.pipelines import DTYPES
+    from fewstep.plan import Plan
+
+    flags = {"--solver": args.solver, "--option": args.option, "--steps": args.steps, "--grid": args.grid,
+             "--cache": args.cache, "--guidance": args.guidance, "--dtype": args.dtype, "--device": args.device}
+    given = [k for k, v in flags.items() if v is not None]
+    if given:
+        raise ValueError(f"--plan gives the solver, grid, steps, cache, guidance, dtype and device; drop "
+                         f"{', '.join(given)}")
+    plan = Plan.load(args.plan)
+    try:
+        if plan.dtype not in DTYPES:
+            raise ValueError(f"a pipeline runs in {', '.join(DTYPES)}, the plan asks for {plan.dtype}")
+        _plan_device(plan)
+    except ValueError as err:
+        raise ValueError(f"--plan {args.plan}: {err}") from None
+    return plan
+
+
+def _plan_device(plan: Any) -> None:
+    """A plan's device, checked as ``--device`` is (a CUDA device where there is none is refused)."""
+    try:
+        _device(plan.device)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"device {err}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import numpy as np
 
     from fewstep.bench.report import mosaic
@@ -253,22 +287,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fewstep.scheduler import FewstepScheduler
 
     out = check_output_file(args.out, (".png", ".npz"))  # before any work
-    options = _options(args.option)
+    plan = _generate_plan(args)
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 8:
             raise ValueError(f"{name} must be a multiple of 8, got {value}")
-    # A bad solver, knob or grid, or a solver no pipeline can drive, fails here, before the pipeline loads.
-    FewstepScheduler(args.solver, args.grid, **options)
-    cache = args.cache or "none"
+    if plan is None:
+        solver, options, grid = args.solver or "dpmpp_2m", _options(args.option), args.grid or "diffusers"
+        grid_options: dict[str, Any] = {}
+        steps, cache, guidance = args.steps or 20, args.cache or "none", args.guidance
+        dtype, device, where = args.dtype or "float32", args.device or "cpu", f"the {grid} grid"
+    else:  # the pipeline stands in for the plan's model; cache and guidance go on the pipeline, not the scheduler
+        solver, options, grid, grid_options = plan.solver, dict(plan.solver_options), plan.grid, dict(plan.grid_options)
+        steps, cache, guidance = plan.steps, plan.cache or "none", plan.guidance
+        dtype, device, where = plan.dtype, plan.device, f"the {grid} grid of {args.plan}"
+    # A bad solver, knob or grid, or a solver no pipeline can drive, fails here, before the pipeline loads (a plan's
+    # explicit times are checked on the pipeline's own schedule once it is loaded, before it runs).
+    FewstepScheduler(solver, "diffusers" if grid == "explicit" else grid, solver_options=options,
+                     grid_options=grid_options)
     _check_pipeline_cache(cache)
-    pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[args.dtype], device=args.device)
-    scheduler = use_fewstep(pipe, args.solver, args.grid, **options)
+    pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[dtype], device=device)
+    if plan is None:
+        scheduler = use_fewstep(pipe, solver, grid, **options)
+    else:
+        scheduler = FewstepScheduler.from_plan(dataclasses.replace(plan, cache="", guidance=None), pipe.scheduler)
+        pipe.scheduler = scheduler
     handle = None
     if cache != "none":
         from fewstep.caching import enable_cache
 
-        call = {"prompt": args.prompt, "num_inference_steps": args.steps}
-        for key, value in (("negative_prompt", args.negative_prompt), ("guidance_scale", args.guidance),
+        call = {"prompt": args.prompt, "num_inference_steps": steps}
+        for key, value in (("negative_prompt", args.negative_prompt), ("guidance_scale", guidance),
                            ("height", args.height), ("width", args.width)):
             if value is not None:
                 call[key] = value
@@ -276,8 +324,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # knobs are checked against the network before any sampling; auto and magcache run the pipeline on the
         # calibration seeds 1000-1003 first (never the output seeds)
         handle = enable_cache(pipe, cache, **call)
-    x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=args.steps, negative_prompt=args.negative_prompt,
-                        guidance=args.guidance, height=args.height, width=args.width,
+    x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=steps, negative_prompt=args.negative_prompt,
+                        guidance=guidance, height=args.height, width=args.width,
                         latents=out.suffix == ".npz", progress=not args.quiet)
     if out.suffix == ".npz":
         arrays = {"latents": x.float().cpu().numpy(), "seeds": np.array(args.seeds), "network_calls": calls,
@@ -297,7 +345,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             cache = f"{cache} -> {handle.calibration.spec}"
         note = (f"; cache {cache} reused {st.reused} of {st.full + st.reused} evaluations, computed "
                 f"{100 * st.mean_work:.0f} % of the network")
-    print(f"{len(args.seeds)} {what}, {args.solver} on the {args.grid} grid, {calls} network calls{note} -> {out}")
+    print(f"{len(args.seeds)} {what}, {solver} on {where}, {calls} network calls{note} -> {out}")
     return 0
 
 
@@ -326,8 +374,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for s in args.solvers:
         name, opts = parse_spec(s)
         make_solver(name, **opts)
+    plans = _bench_plans(args.plans)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
-                 with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache)
+                 with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache, plans=plans)
     _check_caches(args.models, args.cache)
     store = ResultStore(args.db)
     ran = run_sweep(exps, store, force=args.force)
@@ -335,6 +384,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.report:
         print(f"report: {write_report(store, args.report)}")
     return 0
+
+
+def _bench_plans(paths: list[str]) -> dict[str, Any]:
+    """``--plans``: each file's plan by its stem (the row label), its model, device and cache checked before any
+    experiment runs."""
+    from fewstep.caching import check_cache_spec
+    from fewstep.plan import Plan
+    from fewstep.zoo import load, model_path
+
+    plans: dict[str, Any] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in plans:
+            raise ValueError(f"--plans: two plan files are named {name!r} (the row label); rename one")
+        try:
+            plan = plans[name] = Plan.load(path)
+            model_path(plan.model)
+            _plan_device(plan)
+            if plan.cache and plan.cache != "none":
+                check_cache_spec(load(plan.model), plan.cache)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--plans {path}: {err}") from None
+    return plans
 
 
 def _check_caches(models: list[str], caches: list[str]) -> None:
@@ -495,22 +567,29 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate images from a local diffusers pipeline folder (offline, safetensors "
                                      "only) with a fewstep solver in place of its scheduler. Example: fewstep "
                                      "generate --pipeline ./sd-model --prompt 'a red fox' --solver unipc --steps 8 "
-                                     "--seeds 0-3 --out fox.png")
+                                     "--seeds 0-3 --out fox.png, or with a tuned plan: fewstep generate --pipeline "
+                                     "./sd-model --prompt 'a red fox' --plan plans/plan_nfe5.json --out fox.png")
     gen.add_argument("--pipeline", required=True, help="local diffusers pipeline folder (with model_index.json)")
     gen.add_argument("--prompt", required=True, help="the text prompt")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt (default: the pipeline's)")
+    gen.add_argument("--plan", default=None,
+                     help="a plan file (fewstep tune's plan_nfe<N>.json) giving the solver and knobs, the grid or "
+                          "times and steps, the cache, the guidance scale, the dtype of the weights (float32, "
+                          "float16 or bfloat16; the latents stay float32) and the device, instead of --solver/"
+                          "--option/--grid/--steps/--cache/--guidance/--dtype/--device; the pipeline stands in for "
+                          "the plan's model")
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    gen.add_argument("--solver", default="dpmpp_2m", help="fewstep solver name (see `fewstep solvers`)")
+    gen.add_argument("--solver", default=None, help="fewstep solver name (see `fewstep solvers`; dpmpp_2m)")
     gen.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. tau=0")
-    gen.add_argument("--steps", type=_step_count, default=20, help="number of steps (20)")
-    gen.add_argument("--grid", choices=["diffusers", *GRIDS], default="diffusers",
-                     help="time grid: the pipeline scheduler's own steps (diffusers) or a fewstep grid")
+    gen.add_argument("--steps", type=_step_count, default=None, help="number of steps (20)")
+    gen.add_argument("--grid", choices=["diffusers", *GRIDS], default=None,
+                     help="time grid: the pipeline scheduler's own steps (diffusers, the default) or a fewstep grid")
     gen.add_argument("--seeds", type=_seeds, default=parse_seeds("0-3"), help="seed range, one image each (0-3)")
     gen.add_argument("--height", type=_positive_int, default=None, help="image height (default: the model's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="image width (default: the model's)")
-    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                      help="dtype of the pipeline's weights (float32)")
-    gen.add_argument("--device", type=_device, default="cpu", help="torch device (cpu)")
+    gen.add_argument("--device", type=_device, default=None, help="torch device (cpu)")
     gen.add_argument("--cache", default=None, help="feature cache on the pipeline's network: "
                      "taylorseer:interval=3:order=2, deepcache:interval=3, encoder:interval=2 (U-Nets), "
                      "block:threshold=0.08, magcache:threshold=0.1 (transformers), auto:target_error=0.05"
@@ -556,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     tun.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="run solvers side by side (optionally with diffusers) into a results DB",
-                           description="Run models x solvers x steps, store results (resumable), optionally report.",
+                           description="Run models x solvers x steps, and any --plans, store results (resumable), "
+                                       "optionally report.",
                            epilog="example: fewstep bench --models unet_m --solvers ddim,dpmpp_2m,unipc "
                                   "--steps 5,10,20 --with-diffusers --report report")
     bench.add_argument("--models", type=lambda s: s.split(","), default=["unet_m"], help="comma-separated (unet_m)")
@@ -574,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated feature caches to run every fewstep solver with: none, "
                             "taylorseer:interval=3, deepcache:interval=3, encoder:interval=2, block:threshold=0.05, "
                             "magcache:threshold=0.1, auto:target_error=0.05 (default: none)")
+    bench.add_argument("--plans", type=lambda s: [x for x in s.split(",") if x], default=[],
+                       help="comma-separated plan files (e.g. fewstep tune's plans/plan_nfe5.json), each one more "
+                            "row labelled by its file name's stem (plan_nfe5), run as the plan says (solver, grid or "
+                            "times, cache, dtype, device) from the same --seeds, on the plan's own model (added to "
+                            "the report even if not in --models); an edited plan is rerun")
     bench.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")

@@ -62,7 +62,9 @@ class Plan:
             :func:`fewstep.caching.cache_from_spec`).
         guidance: a classifier-free guidance scale for models with a default null condition (a class-conditional
             DiT); text models take their negative conditioning at :meth:`build`.
-        dtype, device: of the sampling state.
+        dtype, device: where and in what precision the run goes: the network runs in ``dtype`` on ``device``
+            (:meth:`build` moves a network it loads; a given one must already be there), the state too, except
+            that float16/bfloat16 runs keep the state in float32, as diffusers' pipelines keep their latents.
     """
 
     model: str
@@ -176,6 +178,9 @@ class Plan:
             from fewstep.zoo import load
 
             den = load(self.model)
+            _place(den, torch.device(self.device), DTYPES[self.dtype])
+        else:
+            _check_placed(den, torch.device(self.device), DTYPES[self.dtype])
         solver = make_solver(self.solver, **self.solver_options)
         if shape is None:
             shape = den.sample_shape  # type: ignore[attr-defined]
@@ -199,6 +204,43 @@ class Plan:
         return Sampler(self, model, solver, times, shape, calibration)
 
 
+def _network(den: Denoiser) -> torch.nn.Module | None:
+    inner = den
+    while not isinstance(getattr(inner, "model", None), torch.nn.Module) and hasattr(inner, "inner"):
+        inner = inner.inner
+    model = getattr(inner, "model", None)
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def _place(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the network this plan loaded to the plan's device and dtype."""
+    net = _network(den)
+    if net is not None:
+        net.to(device=device, dtype=dtype)
+        if hasattr(den, "dtype"):
+            den.dtype = dtype  # type: ignore[attr-defined]  # the ModelDenoiser casts inputs to it
+
+
+def _check_placed(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
+    """A network given to :meth:`Plan.build` must be where the plan runs: moving it would change the caller's
+    module behind their back."""
+    net = _network(den)
+    param = None if net is None else next(iter(net.parameters()), None)
+    if param is None:
+        return
+    if param.device.type != device.type or (device.index is not None and param.device != device):
+        raise ValueError(f"the plan runs on {device}, the network is on {param.device}: move it first "
+                         f"(network.to({str(device)!r})) or build without a model to load it there")
+    if param.dtype != dtype:
+        raise ValueError(f"the plan runs in {str(dtype).removeprefix('torch.')}, the network is in "
+                         f"{str(param.dtype).removeprefix('torch.')}: cast it first or change the plan's dtype")
+
+
+def state_dtype(dtype: str) -> torch.dtype:
+    """The dtype of the sampling state of a run in ``dtype``: float32 for half precisions."""
+    return torch.float64 if dtype == "float64" else torch.float32
+
+
 @dataclass
 class Sampler:
     """What :meth:`Plan.build` makes: call :meth:`sample`."""
@@ -211,12 +253,32 @@ class Sampler:
     calibration: Any = None
 
     def sample(self, *, seeds: Any = None, x_init: torch.Tensor | None = None, cond: Cond = None,
-               hooks: Sequence[Any] = ()) -> torch.Tensor:
+               hooks: Sequence[Any] = (), batch_size: int | None = None) -> torch.Tensor:
+        """The samples of ``seeds`` (or from ``x_init``). ``batch_size``: run them that many at a time (memory of
+        one batch for the run; sample ``k`` is the same whatever the batch size, up to the network's own kernels);
+        ``cond`` tensors with one row per seed are cut with them."""
+        from fewstep.noise import parse_seeds
         from fewstep.sample import sample
 
-        dtype = DTYPES[self.plan.dtype]
+        dtype = state_dtype(self.plan.dtype)
         if x_init is not None:
             return sample(self.denoiser, self.solver, self.times, x_init=x_init, seeds=seeds, cond=cond, hooks=hooks,
                           dtype=dtype, device=self.plan.device)
-        return sample(self.denoiser, self.solver, self.times, shape=self.shape, seeds=seeds, cond=cond, hooks=hooks,
-                      dtype=dtype, device=self.plan.device)
+        ids = parse_seeds(seeds if seeds is not None else 1)
+        if batch_size is None or batch_size >= len(ids):
+            return sample(self.denoiser, self.solver, self.times, shape=self.shape, seeds=ids, cond=cond,
+                          hooks=hooks, dtype=dtype, device=self.plan.device)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        parts = [self.sample(seeds=ids[a:a + batch_size], cond=cut_cond(cond, len(ids), a, a + batch_size),
+                             hooks=hooks) for a in range(0, len(ids), batch_size)]
+        return torch.cat(parts)
+
+
+def cut_cond(cond: Cond, n: int, start: int, stop: int) -> Cond:
+    """The conditioning of samples ``start:stop`` of ``n``: tensors with ``n`` rows are cut, others (batch-1
+    prompt embeddings, scalars) kept."""
+    if cond is None or not isinstance(cond, Mapping):
+        return cond
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n and n > 1 else v
+            for k, v in cond.items()}

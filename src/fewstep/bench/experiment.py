@@ -7,11 +7,14 @@ import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fewstep.grids import GRIDS, suggest
 from fewstep.noise import parse_seeds
 from fewstep.solvers import SOLVERS
+
+if TYPE_CHECKING:
+    from fewstep.plan import Plan
 
 __all__ = ["BACKENDS", "Experiment", "sweep"]
 
@@ -26,6 +29,10 @@ class Experiment:
     ``backend="diffusers"`` runs the diffusers scheduler of that name (see :data:`fewstep.bench.peers.PEERS`) on
     the same network and starting noise, with pinned configs; ``grid`` is then diffusers' own (trailing spacing).
     ``options`` are solver knobs (fewstep) or scheduler config overrides (diffusers).
+
+    ``plan`` (with its row label ``name``): a :class:`~fewstep.plan.Plan`'s JSON, run as ``Plan.build`` makes it
+    (see :meth:`of_plan`); the other fields then repeat the plan's, and the key covers the whole plan, so an edited
+    plan is a new experiment.
     """
 
     model: str
@@ -36,6 +43,8 @@ class Experiment:
     backend: str = "fewstep"
     options: Mapping[str, Any] = field(default_factory=dict)
     cache: str = ""  # a cache spec: "deepcache:interval=3", "auto:target_error=0.05" (fewstep.caching.make_cache)
+    plan: Mapping[str, Any] | None = None  # Plan.to_dict() of a plan experiment
+    name: str = ""  # a plan experiment's row label (its file's stem)
 
     def __post_init__(self) -> None:
         from fewstep.bench.peers import PEERS
@@ -46,7 +55,11 @@ class Experiment:
         if self.solver not in known:
             raise ValueError(f"unknown {self.backend} solver {self.solver!r}{suggest(self.solver, known)}; "
                              f"known: {', '.join(known)}")
-        if self.grid not in GRIDS:
+        if self.plan is not None:
+            self._check_plan()
+        elif self.name:
+            raise ValueError(f"name={self.name!r} labels a plan experiment; this one has no plan")
+        if self.grid not in GRIDS and not (self.plan is not None and self.grid == "explicit"):
             raise ValueError(f"unknown grid {self.grid!r}{suggest(self.grid, GRIDS)}; known grids: {', '.join(GRIDS)}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
@@ -55,8 +68,30 @@ class Experiment:
             raise ValueError("caches apply to fewstep runs only")
         object.__setattr__(self, "options", dict(sorted(dict(self.options).items())))
 
+    @classmethod
+    def of_plan(cls, plan: Plan, *, name: str, seeds: str = "0-255") -> Experiment:
+        """The experiment that runs ``plan`` on its own model from the noise of ``seeds``, labelled ``name``."""
+        return cls(plan.model, plan.solver, int(plan.steps or 0), plan.grid, seeds, options=plan.solver_options,
+                   cache=plan.cache, plan=plan.to_dict(), name=name)
+
+    def _check_plan(self) -> None:
+        from fewstep.plan import Plan
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a plan experiment needs a name (its row label)")
+        if self.backend != "fewstep":
+            raise ValueError("plans run on the fewstep backend")
+        plan = Plan.from_dict(self.plan)
+        object.__setattr__(self, "plan", plan.to_dict())  # canonical: the key is the plan's content
+        mine = (self.model, self.solver, self.steps, self.grid, dict(self.options), self.cache)
+        if mine != (plan.model, plan.solver, plan.steps, plan.grid, dict(plan.solver_options), plan.cache):
+            raise ValueError(f"plan experiment {self.name!r}: its fields differ from its plan's "
+                             "(make it with Experiment.of_plan)")
+
     @property
     def label(self) -> str:
+        if self.plan is not None:
+            return self.name
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         name = self.solver + (f"({opts})" if opts else "") + (f"+{self.cache}" if self.cache else "")
         return f"diffusers:{name}" if self.backend == "diffusers" else name
@@ -65,6 +100,10 @@ class Experiment:
         out = {**asdict(self), "options": dict(self.options)}
         if not self.cache:  # keeps the keys of cache-free experiments as they were before caches existed
             del out["cache"]
+        if self.plan is None:  # and those of experiments that are no plan's, as before plans existed
+            del out["plan"], out["name"]
+        else:
+            out["plan"] = dict(self.plan)
         return out
 
     @classmethod
@@ -109,6 +148,7 @@ def sweep(
     with_diffusers: bool = False,
     peers: Sequence[str] = (),
     caches: Sequence[str] = ("",),
+    plans: Mapping[str, Plan] | None = None,
 ) -> list[Experiment]:
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
     (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
@@ -119,7 +159,11 @@ def sweep(
     rectified-flow model runs only with ``Euler``, see :func:`fewstep.bench.peers.compatible`). A peer named in
     ``peers`` that cannot drive one of ``models`` is refused here, before anything runs, with a ``ValueError``
     naming the peers that do apply; an automatic counterpart (``with_diffusers``) that does not apply to a model is
-    skipped for that model, since nobody asked for it by name."""
+    skipped for that model, since nobody asked for it by name.
+
+    ``plans``: row label -> :class:`~fewstep.plan.Plan`; each is one more experiment, on the plan's own model
+    (whether or not it is in ``models``), from the same ``seeds``. A label that another row of that model already
+    has is refused."""
     from fewstep.bench.peers import PEERS, applicable, compatible, counterpart
     from fewstep.spec import parse_spec
 
@@ -143,6 +187,11 @@ def sweep(
         auto = [p for p in chosen if compatible(p, config)]
         out += [Experiment(m, p, n, grid, seeds, backend="diffusers")
                 for p, n in itertools.product(dict.fromkeys([*auto, *named]), steps)]
+    taken = {(e.model, e.label) for e in out}
+    for name, plan in (plans or {}).items():
+        if (plan.model, name) in taken:
+            raise ValueError(f"plan {name!r} has the label of another {plan.model} row; rename the plan file")
+        out.append(Experiment.of_plan(plan, name=name, seeds=seeds))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import resource
 import sys
@@ -111,7 +112,22 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
     timed = _Timed(den)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
-    if exp.backend == "fewstep":
+    if exp.plan is not None:  # exactly ``plan.build(den).sample(seeds=...)``: its grid's own start, dtype and device
+        counter, stats = NFECounter(), CacheStats()
+        plan = Plan.from_dict(exp.plan)
+        # The sweep's network is on the CPU in float32; a plan that runs elsewhere loads its own, placed as it says.
+        # (``auto`` calibrates on seeds 1000-1127.)
+        sampler = plan.build(den) if (plan.device, plan.dtype) == ("cpu", "float32") else plan.build()
+        if sampler.calibration is not None:
+            extra = {"cache_choice": sampler.calibration.spec, "cache_calibration_error": sampler.calibration.error}
+        timed = _Timed(sampler.denoiser)
+        t0 = time.perf_counter()  # calibration is not part of the run's time
+        out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats]).cpu()
+        nfe = counter.nfe
+        if exp.cache:
+            extra["cache_work"] = stats.mean_work
+            extra["cache_reused"] = stats.reused
+    elif exp.backend == "fewstep":
         counter, stats = NFECounter(), CacheStats()
         peer: Any = contextlib.nullcontext()
         diffusers_hook = exp.cache.startswith("diffusers:")
