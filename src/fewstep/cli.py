@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -184,64 +185,123 @@ def _class_labels(den: object, label: str | None, n: int) -> dict[str, torch.Ten
     return {"class_labels": torch.tensor(values)[torch.arange(n) % len(values)]}
 
 
+
 def _sample_plan(args: argparse.Namespace) -> Any:
     """The plan ``fewstep sample`` runs: ``--plan FILE``, or one made from the flags (never both)."""
     from fewstep.plan import Plan
 
     flags = {"--model": args.model, "--solver": args.solver, "--steps": args.steps, "--grid": args.grid,
-             "--option": args.option, "--cache": args.cache}
+             "--option": args.option, "--cache": args.cache, "--dtype": args.dtype, "--device": args.device}
     if args.plan is not None:
         given = [k for k, v in flags.items() if v is not None]
         if given:
-            raise ValueError(f"--plan gives the model, solver, grid and cache; drop {', '.join(given)}")
-        return Plan.load(args.plan)
+            raise ValueError(f"--plan gives the model, solver, grid, cache, dtype and device; drop {', '.join(given)}")
+        plan = Plan.load(args.plan)
+        _plan_device(plan)
+        return plan
     if args.model is None:
         raise ValueError("give --model (a zoo name or a diffusers folder) or --plan (a plan file)")
     cache = args.cache if args.cache not in (None, "none") else ""
     return Plan(model=args.model, solver=args.solver or "dpmpp_2m", solver_options=_options(args.option),
-                grid=args.grid or "time_quadratic", steps=args.steps or 10, cache=cache)
+                grid=args.grid or "time_quadratic", steps=args.steps or 10, cache=cache, dtype=args.dtype or "float32",
+                device=args.device or "cpu")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from fewstep.bench.report import mosaic
     from fewstep.caching import CacheStats
+    from fewstep.distributed import process_group, world
     from fewstep.hooks import NFECounter, ProgressBar
-    from fewstep.outputs import atomic_write, check_output_file
+    from fewstep.outputs import check_output_dir, check_output_file
     from fewstep.zoo import load
 
-    out = check_output_file(args.out, (".png", ".npz"))  # before any work: a bad path must not cost a run
+    rank, size = world()
+    to_folder = Path(args.out).suffix == ""
+    # before any work: a bad path must not cost a run
+    out = check_output_dir(args.out) if to_folder else check_output_file(args.out, (".png", ".npz"))
+    if size > 1 and not to_folder:
+        raise ValueError(f"--out {args.out}: {size} processes write a folder of shards, not one file; give a "
+                         "folder (a path without a suffix)")
     plan = _sample_plan(args)
+    batch = args.batch_size or (64 if to_folder else None)
     den = load(plan.model)
     shape = den.sample_shape
-    if out.suffix == ".png" and shape[0] not in (1, 3):
+    if not to_folder and out.suffix == ".png" and shape[0] not in (1, 3):
         raise ValueError(f"--out {out}: a PNG grid needs 1 or 3 channels, this model makes {shape[0]}; use .npz")
     cond = _class_labels(den, args.label, len(args.seeds))
     if plan.cache:
         from fewstep.caching import check_cache_spec
 
         check_cache_spec(den, plan.cache)
-    sampler = plan.build(den)
-    counter, stats = NFECounter(), CacheStats()
-    cal = sampler.calibration
-    note = "" if cal is None else f" (auto: {cal.spec}, calibration error {cal.error:.3g})"
-    hooks = [counter, stats] + ([ProgressBar()] if not args.quiet else [])
-    x = sampler.sample(seeds=args.seeds, hooks=hooks, cond=cond)
+    shards = None
+    if to_folder:
+        from fewstep.shards import ShardFolder
+
+        run = {"plan": plan.to_dict(), "label": args.label, "shape": list(shape)}
+        shards = ShardFolder(out, list(args.seeds), batch, run)
+        done = shards.prepare()  # every rank checks the same manifest; a foreign folder is refused here
+        if done and rank == 0:
+            print(f"resuming: {done} of {shards.count} shards already in {out}")
+    from fewstep.plan import DTYPES, place
+
+    place(den, torch.device(plan.device), DTYPES[plan.dtype])
+    with process_group(plan.device):
+        if shards is not None:
+            from fewstep.distributed import barrier
+
+            if rank == 0:
+                shards.clean()  # a killed writer's temporary files; no process writes until the barrier
+            barrier()
+        sampler = plan.build(den)
+        stats = CacheStats()
+        cal = sampler.calibration
+        note = "" if cal is None else f" (auto: {cal.spec}, calibration error {cal.error:.3g})"
+        if shards is not None:
+            from fewstep.shards import run_shards
+
+            t0 = time.perf_counter()
+            written, nfe = run_shards(sampler, shards, cond=cond, rank=rank, world=size, hooks=[stats],
+                                      progress=not args.quiet)
+            seconds = time.perf_counter() - t0
+        else:
+            counter = NFECounter()
+            hooks = [counter, stats] + ([ProgressBar()] if not args.quiet and batch is None else [])
+            t0 = time.perf_counter()
+            x = sampler.sample(seeds=args.seeds, hooks=hooks, cond=cond, batch_size=batch)
+            seconds, nfe = time.perf_counter() - t0, counter.nfe
     if stats.full + stats.reused:
         note += (f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations, computed "
                  f"{100 * stats.mean_work:.0f} % of the network")
+    what = "samples" if shape[0] in (1, 3) else "undecoded latents (no VAE decode; `fewstep generate` decodes)"
+    if shards is not None:
+        n = sum(len(shards.shard_seeds(i)) for i in range(rank, shards.count, size))
+        if rank == 0:
+            left = shards.pending()
+            status = "complete" if not left else f"{len(left)} shards still missing: run the same command again"
+            mine = f"; this process wrote {written} shards" if size > 1 else ""
+            speed = f", {n / seconds:.1f} samples/s per process" if written else ", nothing left to sample"
+            print(f"{len(args.seeds)} {what} in {shards.count} shards of {batch}{f', {nfe} NFE' if nfe else ''}"
+                  f"{note}{mine}{speed} -> {out}/ ({status})")
+        return 0
+    _write_samples(out, x, args.seeds, nfe)
+    print(f"{len(args.seeds)} {what}, {nfe} NFE{note}, {len(args.seeds) / seconds:.1f} samples/s -> {out}")
+    return 0
+
+
+def _write_samples(out: Path, x: torch.Tensor, seeds: Sequence[int], nfe: int) -> None:
+    """``x`` as an .npz (samples, seeds, nfe) or a PNG grid, atomically."""
+    import numpy as np
+
+    from fewstep.bench.report import mosaic
+    from fewstep.outputs import atomic_write
+
     if out.suffix == ".npz":
-        arrays = {"samples": x.cpu().numpy(), "seeds": np.array(args.seeds), "nfe": counter.nfe}
+        arrays = {"samples": x.cpu().numpy(), "seeds": np.array(seeds), "nfe": nfe}
         atomic_write(out, lambda f: np.savez(f, **arrays))
     else:
         from PIL import Image
 
-        image = Image.fromarray(mosaic(x))
+        image = Image.fromarray(mosaic(x.cpu()))
         atomic_write(out, lambda f: image.save(f, format="PNG"))
-    what = "samples" if shape[0] in (1, 3) else "undecoded latents (no VAE decode; `fewstep generate` decodes)"
-    print(f"{len(args.seeds)} {what}, {counter.nfe} NFE{note} -> {out}")
-    return 0
 
 
 def _generate_plan(args: argparse.Namespace) -> Any:
@@ -559,7 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--cache", default=None, help="feature cache: taylorseer:interval=3:order=2, "
                      "deepcache:interval=3, encoder:interval=2 (U-Nets), block:threshold=0.05, magcache:threshold=0.1 "
                      "(transformers), auto:target_error=0.05[:method=all] (calibrated here), none")
-    smp.add_argument("--out", required=True, help="output .png (image grid) or .npz (samples)")
+    smp.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default=None,
+                     help="precision of the network (float32; float16/bfloat16 keep the state in float32)")
+    smp.add_argument("--device", type=_device, default=None, help="torch device (cpu; cuda, cuda:1, ...)")
+    smp.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="samples per batch: memory is bounded by it, not by the seed count (default: all seeds "
+                          "at once for a file, 64 for a folder); sample k is the same whatever the batch size")
+    smp.add_argument("--out", required=True,
+                     help="output .png (image grid) or .npz (samples), or a folder (a path without a suffix): "
+                          "shards of --batch-size seeds with a manifest, written as they finish; the same command "
+                          "resumes an interrupted folder, and under torchrun (torchrun --nproc-per-node N -m fewstep "
+                          "sample ...) the processes share the shards")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     smp.set_defaults(func=cmd_sample)
 

@@ -178,7 +178,7 @@ class Plan:
             from fewstep.zoo import load
 
             den = load(self.model)
-            _place(den, torch.device(self.device), DTYPES[self.dtype])
+            place(den, torch.device(self.device), DTYPES[self.dtype])
         else:
             _check_placed(den, torch.device(self.device), DTYPES[self.dtype])
         solver = make_solver(self.solver, **self.solver_options)
@@ -212,10 +212,12 @@ def _network(den: Denoiser) -> torch.nn.Module | None:
     return model if isinstance(model, torch.nn.Module) else None
 
 
-def _place(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
-    """Move the network this plan loaded to the plan's device and dtype."""
+def place(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the network inside ``den`` to ``device`` and ``dtype`` (in place; :meth:`Plan.build` does it to a
+    network it loads)."""
     net = _network(den)
-    if net is not None:
+    param = None if net is None else next(iter(net.parameters()), None)
+    if net is not None and param is not None and (param.device != device or param.dtype != dtype):
         net.to(device=device, dtype=dtype)
         if hasattr(den, "dtype"):
             den.dtype = dtype  # type: ignore[attr-defined]  # the ModelDenoiser casts inputs to it

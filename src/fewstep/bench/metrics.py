@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -65,6 +67,15 @@ class DigitsFD:
     def __call__(self, samples: torch.Tensor) -> float:
         mu, cov = _stats(self.features(samples))
         return frechet_distance(mu, cov, self.mu_b, self.cov_b)
+
+    def of_shards(self, folder: str | Path) -> tuple[float, int]:
+        """The FD of a shard folder's samples (:mod:`fewstep.shards`), its feature moments accumulated one shard
+        at a time: equal to the FD of all samples at once up to float64 round-off. Returns it and the count."""
+        from fewstep.shards import folder_moments
+
+        moments, n = folder_moments(folder, self.features)
+        mu, cov = moments.stats()
+        return frechet_distance(mu, cov, self.mu_b, self.cov_b), n
 
     def floor(self, n: int, *, repeats: int = 3) -> float:
         """Mean FD of ``n`` real digits from half A against half B over ``repeats`` draws."""

@@ -75,13 +75,23 @@ class Context:
         return z * s.prior_std(s.t_max)
 
     def reference(self, exp: Experiment) -> torch.Tensor:
-        cached = self.store.reference(exp.model, exp.seeds)
-        if cached is None:
-            den = self.model(exp.model)
-            ref, nfe = pf_ode_reference(den, self.x_init(exp), den.schedule.t_max)
-            self.store.put_reference(exp.model, exp.seeds, ref, nfe)
+        """The PF-ODE reference of ``exp``'s model and seeds, solved once for every sweep on the store: the
+        solve is claimed like an experiment, and a sweep that finds it claimed by another live one waits for it."""
+        token = _Token(f"reference:{exp.model}:{exp.seeds}")
+        while True:
+            cached = self.store.reference(exp.model, exp.seeds)
+            if cached is not None:
+                return cached[0]
+            if self.store.claim(token) == "busy":  # type: ignore[arg-type]
+                time.sleep(0.5)
+                continue
+            try:
+                den = self.model(exp.model)
+                ref, nfe = pf_ode_reference(den, self.x_init(exp), den.schedule.t_max)
+                self.store.put_reference(exp.model, exp.seeds, ref, nfe)
+            finally:
+                self.store.release(token)  # type: ignore[arg-type]
             return ref
-        return cached[0]
 
     @property
     def fd(self) -> DigitsFD:
@@ -93,6 +103,13 @@ class Context:
         if n not in self._floors:
             self._floors[n] = self.fd.floor(min(n, 898))
         return self._floors[n]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    """A claim on shared work that is not an experiment (a reference solve): claims need only a key."""
+
+    key: str
 
 
 def diffusers_cache(den: Denoiser, spec: str) -> Any:
