@@ -436,8 +436,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         make_solver(name, **opts)
     plans = _bench_plans(args.plans)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
-                 with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache, plans=plans)
+                 with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache, plans=plans,
+                 dtype=args.dtype, device=args.device)
     _check_caches(args.models, args.cache)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        from fewstep.distributed import world
+
+        if world()[1] > 1:  # under torchrun, as in fewstep sample: 'cuda' is each process's own GPU
+            import os
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     store = ResultStore(args.db)
     ran = run_sweep(exps, store, force=args.force)
     print(f"{ran} experiments run here, {len(exps) - ran} already in (or run by another sweep on) {store.path}")
@@ -492,6 +501,7 @@ def _check_caches(models: list[str], caches: list[str]) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from fewstep.bench.tune_report import write_tune_report
     from fewstep.outputs import check_output_dir
+    from fewstep.plan import DTYPES, place
     from fewstep.tune_store import TuneStore
     from fewstep.tuning import tune
     from fewstep.zoo import load
@@ -502,6 +512,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.minutes is not None and not args.minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     den = load(args.model)
+    place(den, torch.device(args.device), DTYPES[args.dtype])
     shape = den.sample_shape
     hold_label = args.holdout_label if args.holdout_label is not None else args.label
     cond = _class_labels(den, args.label, len(args.seeds))
@@ -519,7 +530,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         got = tune(den, args.model, nfe, solvers=args.solvers, shape=shape, seeds=args.seeds, holdout=args.holdout,
                    cond=cond, holdout_cond=hold_cond, guidance=args.guidance, candidates=args.candidates,
                    compare=args.compare, decouple=not args.no_decouple, iterations=args.iterations,
-                   minutes=args.minutes, diffusers=not args.no_diffusers, fd=fd, store=store, teachers=teachers)
+                   minutes=args.minutes, diffusers=not args.no_diffusers, dtype=args.dtype, device=args.device, fd=fd,
+                   store=store, teachers=teachers)
         path = got.plan.save(out / f"plan_nfe{nfe}.json")
         results.append(got.result())
         images.update({f"NFE {nfe}: {label}": x for label, x in got.samples.items()})
@@ -699,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     tun.add_argument("--iterations", type=_positive_int, default=150, help="gradient steps per refinement (150)")
     tun.add_argument("--no-decouple", action="store_true", help="no learned network times (tuned_decoupled rows)")
     tun.add_argument("--no-diffusers", action="store_true", help="no diffusers scheduler rows")
+    tun.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32",
+                     help="precision of the network for the teacher, the search and every row, written into the plans "
+                          "(float32; float16/bfloat16 keep the state in float32)")
+    tun.add_argument("--device", type=_device, default="cpu",
+                     help="torch device the teacher, the search and every row run on, written into the plans (cpu; "
+                          "cuda, cuda:1, ...)")
     tun.add_argument("--out", required=True,
                      help="folder for the plans (plan_nfe<N>.json), the report (report.md, steps.png, "
                           "error_vs_nfe.png, grid.png) and tune.sqlite (a rerun resumes from it)")
@@ -729,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "row labelled by its file name's stem (plan_nfe5), run as the plan says (solver, grid or "
                             "times, cache, dtype, device) from the same --seeds, on the plan's own model (added to "
                             "the report even if not in --models); an edited plan is rerun")
+    bench.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32",
+                       help="precision of the network (float32; float16/bfloat16 keep the state in float32); another "
+                            "dtype or device is another experiment, labelled e.g. 'ddim [cuda, float16]' (the "
+                            "reference stays the float32 CPU one; --plans run as their plan says)")
+    bench.add_argument("--device", type=_device, default="cpu",
+                       help="torch device of the network, the noise and the state (cpu; cuda, cuda:1, ...)")
     bench.add_argument("--db", default=str(_default_db()), help="results database (fewstep-results.sqlite)")
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")

@@ -238,6 +238,20 @@ def _check_placed(den: Denoiser, device: torch.device, dtype: torch.dtype) -> No
                          f"{str(param.dtype).removeprefix('torch.')}: cast it first or change the plan's dtype")
 
 
+def placement(dtype: str, device: str) -> tuple[torch.dtype, torch.device]:
+    """``dtype`` (a name in :data:`DTYPES`) and ``device`` (a torch device name) as torch objects, or a one-line
+    ``ValueError``. The device need not be present here (a command line checks that: ``--device``)."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not isinstance(device, str):  # a name, as a plan's JSON holds it
+        raise ValueError(f"device must be a torch device name (e.g. cpu, cuda, cuda:1), got {device!r}")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"not a torch device: {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    return DTYPES[dtype], where
+
+
 def state_dtype(dtype: str) -> torch.dtype:
     """The dtype of the sampling state of a run in ``dtype``: float32 for half precisions."""
     return torch.float64 if dtype == "float64" else torch.float32

@@ -191,8 +191,9 @@ def refine_by_gradient(den: Denoiser, solver: str, times: Sequence[float], *, x_
     from fewstep.differentiable import run
 
     ts = [float(t) for t in times]
+    f64 = {"dtype": torch.float64, "device": x_init.device}  # the times live beside the state: one device for autograd
     if ts[-1] != 0.0 or len(ts) < 3:
-        err = _rmse(run(den, solver, torch.tensor(ts, dtype=torch.float64), x_init=x_init, cond=cond), target)
+        err = _rmse(run(den, solver, torch.tensor(ts, **f64), x_init=x_init, cond=cond), target)
         return Refined(ts, None, err, 0)
     sched = den.schedule
     first, floor = ts[0], sched.t_min
@@ -205,9 +206,9 @@ def refine_by_gradient(den: Denoiser, solver: str, times: Sequence[float], *, x_
         tail = [0.0]
     if min(gaps) <= 0:
         raise ValueError(f"times must be decreasing and stay above t_min={floor} before the final 0, got {ts}")
-    logits = torch.tensor(gaps, dtype=torch.float64).log().requires_grad_(True)
+    logits = torch.tensor(gaps, **f64).log().requires_grad_(True)
     params = [logits]
-    logscale = torch.zeros(len(nonzero), dtype=torch.float64, requires_grad=decouple)
+    logscale = torch.zeros(len(nonzero), **f64, requires_grad=decouple)
     if decouple:
         params.append(logscale)
     opt = torch.optim.Adam(params, lr=lr)
@@ -216,7 +217,7 @@ def refine_by_gradient(den: Denoiser, solver: str, times: Sequence[float], *, x_
     def grid() -> tuple[torch.Tensor, torch.Tensor]:
         inc = torch.softmax(logits, 0) * span
         inner = first - torch.cumsum(inc, 0)[:-1]
-        t = torch.cat([torch.tensor([first], dtype=torch.float64), inner, torch.tensor(tail, dtype=torch.float64)])
+        t = torch.cat([torch.tensor([first], **f64), inner, torch.tensor(tail, **f64)])
         s = torch.clamp(t[:-1] * logscale.exp(), max=sched.t_max)
         return t, s
 
@@ -317,7 +318,7 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
          holdout: Sequence[int] = tuple(range(2000, 2064)), cond: Cond = None, holdout_cond: Cond = None,
          guidance: float | None = None, candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS,
          compare: Sequence[str] = (), decouple: bool = True, iterations: int = 150, minutes: float | None = None,
-         diffusers: bool = True,
+         diffusers: bool = True, dtype: str = "float32", device: str = "cpu",
          fd: Any = None, store: Any = None, teachers: dict[str, Any] | None = None) -> Tuned:
     """The best plan for ``nfe`` network evaluations of ``den`` (named ``model`` in the plan).
 
@@ -335,6 +336,9 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
 
     ``guidance``: classifier-free guidance scale (the model's default null condition is the negative one).
     ``minutes``: the search's time budget for this NFE (refinements stop early; teacher solves not counted).
+    ``dtype``, ``device``: where the runs go, as :attr:`fewstep.plan.Plan.dtype` says (the network in ``dtype`` on
+    ``device``, where ``den``'s must already be: :func:`fewstep.plan.place`; the teacher, the noise and every state
+    there too, in float32 under half precisions); the rows are plain floats and the plan carries both.
     ``store``: a :class:`fewstep.tune_store.TuneStore`; teachers and rows found there are not recomputed (an
     interrupted tune resumes). ``teachers``: a dict kept across calls, the same in memory.
     """
@@ -342,9 +346,11 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
     from fewstep.models import ClassifierFreeGuidance
     from fewstep.models.retime import Retimed
     from fewstep.noise import SampleNoise
-    from fewstep.plan import Plan
+    from fewstep.plan import Plan, _check_placed, placement, state_dtype
     from fewstep.tune_store import fingerprint
 
+    net_dtype, where = placement(dtype, device)
+    _check_placed(den, where, net_dtype)
     started = time.perf_counter()
     deadline = None if minutes is None else started + 60.0 * minutes
     net: Denoiser = den if guidance is None else ClassifierFreeGuidance(den, float(guidance))
@@ -354,10 +360,14 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
     context = {"model": model, "schedule": repr(den.schedule), "shape": list(shape), "seeds": seeds,
                "holdout": holdout, "cond": cond, "holdout_cond": holdout_cond, "guidance": guidance,
                "candidates": candidates}
+    for knob, value, default in (("dtype", dtype, "float32"), ("device", device, "cpu")):
+        if value != default:  # float32 on the CPU keeps the keys of tune stores made before these knobs existed
+            context[knob] = value
     ckey = fingerprint(context)
 
     def noise(ids: Sequence[int]) -> torch.Tensor:
-        return den.schedule.prior_std(t0) * SampleNoise(list(ids), tuple(shape)).draw()
+        z = SampleNoise(list(ids), tuple(shape), device=device, dtype=state_dtype(dtype)).draw()
+        return den.schedule.prior_std(t0) * z
 
     teacher_seconds = 0.0
     teachers = {} if teachers is None else teachers
@@ -372,6 +382,7 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
             if store is not None:
                 store.put_states(ckey, [*cal_states, hold_ref])
         else:
+            loaded = [s.to(device) for s in loaded]  # stored on the CPU
             cal_states, hold_ref = loaded[:-1], loaded[-1]
         teachers.update(key=ckey, x_cal=x_cal, x_hold=x_hold, cal_states=cal_states, hold_ref=hold_ref)
         teacher_seconds = time.perf_counter() - t1
@@ -390,8 +401,8 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
         solver = make_solver(row["solver"])
         out = run_plan(solver, row["times"], row.get("model_times"), x_hold, holdout, holdout_cond)
         row["holdout"] = _rmse(out, hold_ref)
-        row["fd"] = None if fd is None else float(fd(out))
-        samples[f"{row['solver']} {row['grid']}"] = out[:8]
+        row["fd"] = None if fd is None else float(fd(out.cpu()))
+        samples[f"{row['solver']} {row['grid']}"] = out[:8].cpu()
         if store is not None:
             store.put_row(key, row)
         return row
@@ -401,7 +412,7 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
         if row is not None and row.get("kind") == "fewstep":  # the samples of the report, from the same noise
             solver = make_solver(row["solver"])
             samples[f"{row['solver']} {row['grid']}"] = run_plan(solver, row["times"], row.get("model_times"),
-                                                                 x_hold[:8], holdout[:8], _head(holdout_cond, 8))
+                                                                 x_hold[:8], holdout[:8], _head(holdout_cond, 8)).cpu()
         return row
 
     rows: list[dict[str, Any]] = []
@@ -473,10 +484,10 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
     if chosen["grid"] in TUNED:
         plan = Plan(model=model, solver=chosen["solver"], grid="explicit", times=tuple(chosen["times"]),
                     model_times=None if chosen.get("model_times") is None else tuple(chosen["model_times"]),
-                    guidance=guidance)
+                    guidance=guidance, dtype=dtype, device=device)
     else:
         plan = Plan(model=model, solver=chosen["solver"], grid=chosen["grid"], steps=len(chosen["times"]) - 1,
-                    guidance=guidance)
+                    guidance=guidance, dtype=dtype, device=device)
     search_seconds = time.perf_counter() - started - teacher_seconds
     got = Tuned(nfe, plan, rows, teacher_seconds, search_seconds)
     keep = {"chosen": got.chosen, "best fixed": _best(rows, "fewstep", fixed=True),
@@ -529,13 +540,13 @@ def _diffusers_rows(den: Denoiser, nfe: int, x_hold: torch.Tensor, hold_ref: tor
             label_name = "Euler (FlowMatch)" if config.get("_class_name", "").startswith("FlowMatch") else label
             row = {"solver": label_name, "grid": label_name, "kind": "diffusers", "times": None,
                    "model_times": None, "calibration": None, "holdout": _rmse(found, hold_ref),
-                   "fd": None if fd is None else float(fd(found))}
-            samples[f"{row['solver']} {row['grid']}"] = found[:8]
+                   "fd": None if fd is None else float(fd(found.cpu()))}
+            samples[f"{row['solver']} {row['grid']}"] = found[:8].cpu()
             if store is not None:
                 store.put_row(key, row)
         else:
             out, _ = run_diffusers(label, net, config, x_hold[:8], nfe if label != "Heun" else (nfe + 1) // 2)
-            samples[f"{row['solver']} {row['grid']}"] = out
+            samples[f"{row['solver']} {row['grid']}"] = out.cpu()
         rows.append(row)
     return rows
 

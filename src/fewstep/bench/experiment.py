@@ -30,6 +30,10 @@ class Experiment:
     the same network and starting noise, with pinned configs; ``grid`` is then diffusers' own (trailing spacing).
     ``options`` are solver knobs (fewstep) or scheduler config overrides (diffusers).
 
+    ``dtype``, ``device``: the network runs in ``dtype`` on ``device``, and so does the state, except that
+    float16/bfloat16 runs keep it in float32 (as :attr:`fewstep.plan.Plan.dtype`); a run elsewhere is another
+    experiment, while the defaults (float32 on the CPU) leave the key as it was before these fields existed.
+
     ``plan`` (with its row label ``name``): a :class:`~fewstep.plan.Plan`'s JSON, run as ``Plan.build`` makes it
     (see :meth:`of_plan`); the other fields then repeat the plan's, and the key covers the whole plan, so an edited
     plan is a new experiment.
@@ -45,9 +49,12 @@ class Experiment:
     cache: str = ""  # a cache spec: "deepcache:interval=3", "auto:target_error=0.05" (fewstep.caching.make_cache)
     plan: Mapping[str, Any] | None = None  # Plan.to_dict() of a plan experiment
     name: str = ""  # a plan experiment's row label (its file's stem)
+    dtype: str = "float32"  # of the network (fewstep.plan.DTYPES); float16/bfloat16 keep a float32 state
+    device: str = "cpu"  # where the network, the noise and the state go (references and errors stay on the CPU)
 
     def __post_init__(self) -> None:
         from fewstep.bench.peers import PEERS
+        from fewstep.plan import placement
 
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
@@ -55,6 +62,7 @@ class Experiment:
         if self.solver not in known:
             raise ValueError(f"unknown {self.backend} solver {self.solver!r}{suggest(self.solver, known)}; "
                              f"known: {', '.join(known)}")
+        placement(self.dtype, self.device)
         if self.plan is not None:
             self._check_plan()
         elif self.name:
@@ -72,7 +80,7 @@ class Experiment:
     def of_plan(cls, plan: Plan, *, name: str, seeds: str = "0-255") -> Experiment:
         """The experiment that runs ``plan`` on its own model from the noise of ``seeds``, labelled ``name``."""
         return cls(plan.model, plan.solver, int(plan.steps or 0), plan.grid, seeds, options=plan.solver_options,
-                   cache=plan.cache, plan=plan.to_dict(), name=name)
+                   cache=plan.cache, plan=plan.to_dict(), name=name, dtype=plan.dtype, device=plan.device)
 
     def _check_plan(self) -> None:
         from fewstep.plan import Plan
@@ -83,8 +91,9 @@ class Experiment:
             raise ValueError("plans run on the fewstep backend")
         plan = Plan.from_dict(self.plan)
         object.__setattr__(self, "plan", plan.to_dict())  # canonical: the key is the plan's content
-        mine = (self.model, self.solver, self.steps, self.grid, dict(self.options), self.cache)
-        if mine != (plan.model, plan.solver, plan.steps, plan.grid, dict(plan.solver_options), plan.cache):
+        mine = (self.model, self.solver, self.steps, self.grid, dict(self.options), self.cache, self.dtype, self.device)
+        if mine != (plan.model, plan.solver, plan.steps, plan.grid, dict(plan.solver_options), plan.cache, plan.dtype,
+                    plan.device):
             raise ValueError(f"plan experiment {self.name!r}: its fields differ from its plan's "
                              "(make it with Experiment.of_plan)")
 
@@ -94,6 +103,8 @@ class Experiment:
             return self.name
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         name = self.solver + (f"({opts})" if opts else "") + (f"+{self.cache}" if self.cache else "")
+        where = ", ".join(v for v, default in ((self.device, "cpu"), (self.dtype, "float32")) if v != default)
+        name += f" [{where}]" if where else ""
         return f"diffusers:{name}" if self.backend == "diffusers" else name
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +115,11 @@ class Experiment:
             del out["plan"], out["name"]
         else:
             out["plan"] = dict(self.plan)
+        # float32 on the CPU keeps the keys as they were before dtypes and devices existed; a plan's are in the plan
+        if self.plan is not None or self.dtype == "float32":
+            del out["dtype"]
+        if self.plan is not None or self.device == "cpu":
+            del out["device"]
         return out
 
     @classmethod
@@ -112,7 +128,14 @@ class Experiment:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown experiment fields {sorted(unknown)}; expected {sorted(names)}")
-        return cls(**data)
+        body = dict(data)
+        if body.get("plan") is not None:  # a plan experiment's dtype and device are its plan's (to_dict)
+            from fewstep.plan import Plan
+
+            plan = Plan.from_dict(body["plan"])
+            body.setdefault("dtype", plan.dtype)
+            body.setdefault("device", plan.device)
+        return cls(**body)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -149,6 +172,8 @@ def sweep(
     peers: Sequence[str] = (),
     caches: Sequence[str] = ("",),
     plans: Mapping[str, Plan] | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> list[Experiment]:
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
     (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
@@ -163,14 +188,18 @@ def sweep(
 
     ``plans``: row label -> :class:`~fewstep.plan.Plan`; each is one more experiment, on the plan's own model
     (whether or not it is in ``models``), from the same ``seeds``. A label that another row of that model already
-    has is refused."""
+    has is refused.
+
+    ``dtype``, ``device``: where the fewstep and diffusers runs go (:class:`Experiment`); plans run as they say."""
     from fewstep.bench.peers import PEERS, applicable, compatible, counterpart
+    from fewstep.plan import placement
     from fewstep.spec import parse_spec
 
+    placement(dtype, device)
     steps = list(steps)
     specs = [parse_spec(s) for s in solvers]
     caches = ["" if c in ("", "none") else c for c in caches]
-    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c)
+    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c, dtype=dtype, device=device)
            for m, (name, opts), n, c in itertools.product(models, specs, steps, caches)]
     for p in peers:  # up front: an unknown label must not pass silently as 'not applicable'
         if p not in PEERS:
@@ -185,7 +214,7 @@ def sweep(
                                  f"{config.get('_class_name')}); peers that apply to it: "
                                  + ", ".join(applicable(config)))
         auto = [p for p in chosen if compatible(p, config)]
-        out += [Experiment(m, p, n, grid, seeds, backend="diffusers")
+        out += [Experiment(m, p, n, grid, seeds, backend="diffusers", dtype=dtype, device=device)
                 for p, n in itertools.product(dict.fromkeys([*auto, *named]), steps)]
     taken = {(e.model, e.label) for e in out}
     for name, plan in (plans or {}).items():

@@ -60,8 +60,9 @@ def run_diffusers(
 ) -> tuple[torch.Tensor, int]:
     """Sample with diffusers' scheduler ``label``: ``timestep_spacing="trailing"`` plus the pinned settings of
     :data:`PEERS` and ``options`` (a rectified-flow model runs ``FlowMatchEulerDiscreteScheduler`` as "Euler").
-    ``x_init`` is the starting noise in the VP frame (scaled by the scheduler's ``init_noise_sigma``). Returns the
-    samples and the counted network evaluations."""
+    ``x_init`` is the starting noise in the VP frame (scaled by the scheduler's ``init_noise_sigma``); the run goes
+    where it is, on its device and in its dtype, its timesteps there as a pipeline puts them. Returns the samples
+    and the counted network evaluations."""
     import diffusers
 
     if not compatible(label, scheduler_config):
@@ -74,7 +75,7 @@ def run_diffusers(
     cls = getattr(diffusers, cls_name)
     accepted = set(inspect.signature(cls).parameters)
     scheduler = cls(**{k: v for k, v in config.items() if k in accepted})
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=x_init.device)
     # FlowMatchEulerDiscreteScheduler has neither: its noise has unit scale and its input is not rescaled
     x = x_init * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, _t: sample)

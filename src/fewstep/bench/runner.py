@@ -22,7 +22,7 @@ from fewstep.caching import CacheStats
 from fewstep.hooks import NFECounter
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
-from fewstep.plan import Plan
+from fewstep.plan import Plan, place, placement, state_dtype
 from fewstep.sample import sample
 
 __all__ = ["Context", "run_experiment", "run_sweep"]
@@ -47,36 +47,55 @@ class _Timed(Denoiser):
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.inner(x, t, cond)
+        _finish(out)
         self.total[0] += time.perf_counter() - t0
         return out
 
 
+def _finish(x: torch.Tensor) -> None:
+    """Wait for the kernels that make ``x`` (a CUDA device runs them asynchronously): a time taken after this is
+    the work's."""
+    if isinstance(x, torch.Tensor) and x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 class Context:
-    """Per-sweep caches: loaded models, starting noise, references (also stored in the DB) and the FD metric."""
+    """Per-sweep caches: loaded models (one copy per device and dtype), starting noise, references (also stored in
+    the DB) and the FD metric."""
 
     def __init__(self, store: ResultStore) -> None:
         self.store = store
-        self._models: dict[str, Any] = {}
+        self._models: dict[tuple[str, str, str], Any] = {}
         self._fd: DigitsFD | None = None
         self._floors: dict[int, float] = {}
 
-    def model(self, name: str) -> Any:
-        if name not in self._models:
+    def model(self, name: str, *, device: str = "cpu", dtype: str = "float32") -> Any:
+        """Model ``name``'s denoiser, its network on ``device`` in ``dtype``."""
+        key = (name, device, dtype)
+        if key not in self._models:
             from fewstep.zoo import load
 
-            self._models[name] = load(name)
-        return self._models[name]
+            den = load(name)
+            torch_dtype, torch_device = placement(dtype, device)
+            place(den, torch_device, torch_dtype)
+            self._models[key] = den
+        return self._models[key]
 
     def x_init(self, exp: Experiment) -> torch.Tensor:
-        den = self.model(exp.model)
+        """The starting noise of ``exp``'s seeds, on its device in its state's dtype."""
+        return self._noise(exp.model, exp.seeds, device=exp.device, dtype=exp.dtype)
+
+    def _noise(self, model: str, seeds: str, *, device: str, dtype: str) -> torch.Tensor:
+        den = self.model(model)
         s = den.schedule
         shape = den.sample_shape
-        z = SampleNoise(parse_seeds(exp.seeds), shape).draw()
+        z = SampleNoise(parse_seeds(seeds), shape, device=device, dtype=state_dtype(dtype)).draw()
         return z * s.prior_std(s.t_max)
 
     def reference(self, exp: Experiment) -> torch.Tensor:
         """The PF-ODE reference of ``exp``'s model and seeds, solved once for every sweep on the store: the
-        solve is claimed like an experiment, and a sweep that finds it claimed by another live one waits for it."""
+        solve is claimed like an experiment, and a sweep that finds it claimed by another live one waits for it.
+        It is one for every device and dtype: the float32 network on the CPU from float32 noise."""
         token = _Token(f"reference:{exp.model}:{exp.seeds}")
         while True:
             cached = self.store.reference(exp.model, exp.seeds)
@@ -87,7 +106,8 @@ class Context:
                 continue
             try:
                 den = self.model(exp.model)
-                ref, nfe = pf_ode_reference(den, self.x_init(exp), den.schedule.t_max)
+                x_start = self._noise(exp.model, exp.seeds, device="cpu", dtype="float32")
+                ref, nfe = pf_ode_reference(den, x_start, den.schedule.t_max)
                 self.store.put_reference(exp.model, exp.seeds, ref, nfe)
             finally:
                 self.store.release(token)  # type: ignore[arg-type]
@@ -123,23 +143,26 @@ def diffusers_cache(den: Denoiser, spec: str) -> Any:
 
 
 def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch.Tensor]:
-    """Run one experiment; returns its record (NFE, error, FD, floor, SWD, times, memory) and its samples."""
-    den = ctx.model(exp.model)
+    """Run one experiment; returns its record (NFE, error, FD, floor, SWD, times, memory) and its samples (on the
+    CPU). The network, the noise and the state are on ``exp.device`` (the network in ``exp.dtype``); errors and
+    metrics are computed on the CPU against the CPU reference."""
+    den = ctx.model(exp.model, device=exp.device, dtype=exp.dtype)
     x_init = ctx.x_init(exp)
+    cuda = torch.device(exp.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(exp.device)
     timed = _Timed(den)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if exp.plan is not None:  # exactly ``plan.build(den).sample(seeds=...)``: its grid's own start, dtype and device
         counter, stats = NFECounter(), CacheStats()
         plan = Plan.from_dict(exp.plan)
-        # The sweep's network is on the CPU in float32; a plan that runs elsewhere loads its own, placed as it says.
-        # (``auto`` calibrates on seeds 1000-1127.)
-        sampler = plan.build(den) if (plan.device, plan.dtype) == ("cpu", "float32") else plan.build()
+        sampler = plan.build(den)  # placed as the plan says (exp's dtype and device); ``auto`` calibrates here
         if sampler.calibration is not None:
             extra = {"cache_choice": sampler.calibration.spec, "cache_calibration_error": sampler.calibration.error}
         timed = _Timed(sampler.denoiser)
         t0 = time.perf_counter()  # calibration is not part of the run's time
-        out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats]).cpu()
+        out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
             extra["cache_work"] = stats.mean_work
@@ -149,7 +172,7 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
         peer: Any = contextlib.nullcontext()
         diffusers_hook = exp.cache.startswith("diffusers:")
         plan = Plan(model=exp.model, solver=exp.solver, solver_options=exp.options, grid=exp.grid, steps=exp.steps,
-                    cache="" if diffusers_hook else exp.cache)
+                    cache="" if diffusers_hook else exp.cache, dtype=exp.dtype, device=exp.device)
         sampler = plan.build(den, shape=tuple(x_init.shape[1:]))  # ``auto`` calibrates on seeds 1000-1127
         if diffusers_hook:  # diffusers' own cache hook on the same network, noise and solver
             peer = diffusers_cache(den, exp.cache)
@@ -167,16 +190,18 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
             extra["cache_work"] = stats.mean_work
             extra["cache_reused"] = stats.reused
     else:
-        net = den.model
+        net, net_dtype = den.model, getattr(den, "dtype", None)
 
         def timed_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t1 = time.perf_counter()
-            y = net(x, t).sample
+            y = net(x if net_dtype is None else x.to(net_dtype), t).sample.to(x.dtype)  # half: a float32 state
+            _finish(y)
             timed.total[0] += time.perf_counter() - t1
             return y
 
         config = json.loads(json.dumps(dict(den.scheduler_config)))
         out, nfe = run_diffusers(exp.solver, timed_net, config, x_init, exp.steps, options=exp.options)
+    out = out.cpu()  # waits for the device: the wall time is the run's
     wall = time.perf_counter() - t0
     ref = ctx.reference(exp)
     real = ctx.fd.half_b
@@ -191,6 +216,8 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         **extra,
     }
+    if cuda:
+        record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(exp.device) / 2**20
     return record, out
 
 

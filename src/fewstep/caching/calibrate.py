@@ -56,6 +56,15 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor, *, boot: int = 400) -> tuple[floa
     return float(r.mean()), float(torch.quantile(reps, 0.9))
 
 
+def _placed(net: ModelDenoiser) -> dict[str, Any]:
+    """``sample()``'s ``device`` and ``dtype`` for runs of ``net``: its network's device, and the state dtype of a
+    run in its dtype (float32 under half precisions, as :func:`fewstep.plan.state_dtype`)."""
+    param = next(iter(net.model.parameters()), None) if isinstance(net.model, torch.nn.Module) else None
+    if param is None:
+        return {}
+    return {"device": param.device, "dtype": torch.float64 if param.dtype == torch.float64 else torch.float32}
+
+
 def _network(den: Denoiser, who: str) -> ModelDenoiser:
     """The ModelDenoiser under ``den``'s guidance."""
     while isinstance(den, ClassifierFreeGuidance):
@@ -79,9 +88,9 @@ def magnitude_curve(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
     from fewstep.sample import sample
 
     record: list[tuple[float, float]] = []
-    _network(den, "magnitude_curve")
+    where = _placed(_network(den, "magnitude_curve"))  # the calibration runs where the network is
     sample(with_cache(den, lambda d: _Recorder(d, record=record)), solver, steps, shape=shape, seeds=seeds,
-           grid=grid, cond=cond)
+           grid=grid, cond=cond, **where)
     return curve_of(record)
 
 
@@ -137,7 +146,8 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
     target = _check_target(target_error)
     inner = _network(den, "calibrate_cache")
     names = method_names(inner.model, method)
-    exact = sample(den, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond)
+    where = _placed(inner)  # the calibration runs where the network is
+    exact = sample(den, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond, **where)
     ctx = SpecContext(solver, steps, tuple(shape), grid, cond)
     table = []
     for name in names:
@@ -148,7 +158,8 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
         for knobs in cls.candidates(adapter_of(inner.model)):
             stats = CacheStats()
             cached = make_cache(den, name, context=ctx, **knobs, **extra)
-            out = sample(cached, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond, hooks=[stats])
+            out = sample(cached, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond, hooks=[stats],
+                         **where)
             table.append((name, {**knobs, **extra}, *_rel_err(out, exact), stats.mean_work))
     return pick(table, target)
 
