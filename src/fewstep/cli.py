@@ -534,6 +534,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                    store=store, teachers=teachers)
         path = got.plan.save(out / f"plan_nfe{nfe}.json")
         results.append(got.result())
+        teacher = got.samples.pop("teacher", None)
+        if teacher is not None and "teacher" not in images:
+            images["teacher"] = teacher
         images.update({f"NFE {nfe}: {label}": x for label, x in got.samples.items()})
         row = got.chosen
 

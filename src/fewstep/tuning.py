@@ -253,7 +253,8 @@ class Tuned:
     """What :func:`tune` chose at one NFE: the plan; every candidate's end-point error (mean per-sample RMSE
     against the teacher) on the calibration and the held-out seeds (``rows``; diffusers' schedulers held-out
     only), with its held-out FD when asked; the seconds spent on teacher solves and on the search; and the first
-    held-out samples of the chosen plan, the best fixed grid and the best diffusers scheduler (for a report)."""
+    held-out samples of the chosen plan, the best fixed grid, the best diffusers scheduler and the teacher (for a
+    report)."""
 
     nfe: int
     plan: Any
@@ -494,6 +495,7 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
             "best diffusers": _best(rows, "diffusers")}
     got.samples = {label: samples[f"{r['solver']} {r['grid']}"] for label, r in keep.items()
                    if r is not None and f"{r['solver']} {r['grid']}" in samples}
+    got.samples["teacher"] = hold_ref[:8].detach().cpu()
     return got
 
 
