@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from fewstep.cli import main
 from fewstep.shards import read_shards
@@ -119,8 +120,6 @@ def test_bench_under_torchrun_runs_each_experiment_and_the_reference_once(tmp_pa
 def test_a_reference_claimed_by_another_sweep_is_awaited_not_solved_again(tmp_path, monkeypatch):
     import threading
 
-    import torch
-
     import fewstep.bench.runner as runner
     from fewstep.bench import Experiment, ResultStore
 
@@ -141,3 +140,17 @@ def test_a_reference_claimed_by_another_sweep_is_awaited_not_solved_again(tmp_pa
     got = runner.Context(mine).reference(exp)
     thread.join()
     assert torch.equal(got, ref)
+
+
+def test_fd_of_a_folder(tmp_path, capsys):
+    from fewstep.bench.metrics import DigitsFD
+
+    assert main(["sample", "--model", "unet_s", "--steps", "4", "--seeds", "0-69", "--batch-size", "32", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["fd", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    x = np.concatenate([x for _, x in read_shards(tmp_path / "run")])
+    assert out.startswith(f"FD {DigitsFD()(torch.from_numpy(x)):.4f} over 70 samples")
+    assert main(["fd", str(tmp_path)]) == 2
+    assert "is not a shard folder" in capsys.readouterr().err

@@ -565,6 +565,28 @@ def _digits_fd(den: Any) -> Any:
     return DigitsFD()
 
 
+def cmd_fd(args: argparse.Namespace) -> int:
+    from fewstep.bench.metrics import DigitsFD
+    from fewstep.shards import MANIFEST
+
+    folder = Path(args.folder)
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(f"{folder} is not a shard folder (no {MANIFEST}); write one with fewstep sample --out DIR")
+    import json
+
+    try:
+        shape = json.loads((folder / MANIFEST).read_text())["run"]["shape"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{folder / MANIFEST} is not a fewstep shard manifest") from None
+    if list(shape) != [1, 8, 8]:
+        raise ValueError(f"the digits FD takes 1x8x8 samples; {folder} holds {'x'.join(map(str, shape))}")
+    fd = DigitsFD()
+    value, n = fd.of_shards(folder)
+    floor = fd.floor(min(n, 898))
+    print(f"FD {value:.4f} over {n} samples (real digits against real digits at n={min(n, 898)}: {floor:.4f})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fewstep.bench import ResultStore, write_report
     from fewstep.outputs import check_output_dir
@@ -760,6 +782,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")
     bench.set_defaults(func=cmd_bench)
+
+    fdp = sub.add_parser("fd", help="Frechet distance of a shard folder of digits samples, one shard in memory",
+                         description="The FD of a folder written by fewstep sample --out DIR (8x8 digits models) "
+                                     "against the real digits, in the shipped classifier's features, accumulated "
+                                     "shard by shard (equal to the in-memory FD to float64 round-off). Example: "
+                                     "fewstep fd samples")
+    fdp.add_argument("folder", help="a shard folder (with manifest.json)")
+    fdp.set_defaults(func=cmd_fd)
 
     rep = sub.add_parser("report", help="Markdown table, plots and image grids from a results database",
                          epilog="example: fewstep report --db fewstep-results.sqlite --out report")
