@@ -6,6 +6,8 @@ from fewstep.hooks import CostMeter, NFECounter, ProgressBar, Timer, TrajectoryR
 from fewstep.inversion import Inversion, invert, regenerate
 from fewstep.models import ClassifierFreeGuidance, Denoiser, ModelDenoiser, from_diffusers
 from fewstep.plan import Plan
+from fewstep.quant import SCHEMES as QUANT_SCHEMES
+from fewstep.quant import quantize
 from fewstep.sample import sample
 from fewstep.solvers import SOLVERS, Solver, make_solver
 from fewstep.tuning import tune
@@ -13,6 +15,7 @@ from fewstep.tuning import tune
 __version__ = "0.1.0"
 
 __all__ = [
+    "QUANT_SCHEMES",
     "SOLVERS",
     "ClassifierFreeGuidance",
     "CostMeter",
@@ -33,6 +36,7 @@ __all__ = [
     "invert",
     "make_cache",
     "make_solver",
+    "quantize",
     "regenerate",
     "sample",
     "schedules",

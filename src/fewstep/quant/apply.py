@@ -1,0 +1,248 @@
+"""``quantize(den, scheme)``: a new Denoiser on a quantized copy of the network; the original is never modified.
+
+Fake-quant schemes store each layer's weights rounded to the format in the network's own float dtype (per output
+channel; per output channel and input part for a layer fed a concatenation, found while calibrating,
+:mod:`fewstep.quant.calibration`), and quantize each layer's input per tensor (per part) with the calibrated range
+in a forward pre-hook: they measure the quality of a format at any width, not its speed. torchao's schemes store
+real int8/float8 tensors and run torchao's kernels (:mod:`fewstep.quant.kernels`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.models.adapter import ModelDenoiser
+from fewstep.models.base import Denoiser
+from fewstep.models.guidance import ClassifierFreeGuidance
+from fewstep.quant.calibration import ActivationRanges, calibrate, channel_dim, network_of, target_layers
+from fewstep.quant.formats import Format, FPFormat, IntFormat, quantize_fp, quantize_int
+from fewstep.quant.kernels import apply_kernel
+from fewstep.quant.records import LayerQuant, QuantInfo
+from fewstep.quant.schemes import Scheme, parse_scheme
+
+__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "quantize", "weights_bytes"]
+
+CALIBRATION_KEYS = ("solver", "steps", "seeds", "cond", "shape", "grid")
+"""What ``calibration=`` may hold: :func:`fewstep.quant.calibrate`'s run (``solver`` and ``steps`` required)."""
+
+SCALE_BYTES = 4
+"""Bytes of one stored fake-quant scale (float32, as torchao stores a float32 network's)."""
+
+
+class QuantizedDenoiser(ModelDenoiser):
+    """A :class:`ModelDenoiser` on a quantized network; ``quant`` says how (:class:`QuantInfo`)."""
+
+    def __init__(self, *args: Any, quant: QuantInfo, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.quant = quant
+
+    def __repr__(self) -> str:
+        return f"QuantizedDenoiser({type(self.model).__name__}, {self.quant.scheme!r}, {self.schedule!r})"
+
+
+class ActQuant:
+    """Forward pre-hook fake-quantizing a layer's input with fixed ranges, one per part of a split input.
+
+    Integers: asymmetric per tensor, ``s = (hi - lo) / (2^b - 1)``, zero point ``z = round(-lo / s)`` (the range
+    widened to hold 0, so zero padding stays exact); floating point: symmetric, ``s = max(|lo|, |hi|) / max``.
+    """
+
+    def __init__(self, fmt: Format, ranges: tuple[tuple[float, float], ...], sizes: tuple[int, ...] | None) -> None:
+        self.fmt, self.sizes = fmt, sizes
+        self.params: list[tuple[float, float]] = []
+        for lo, hi in ranges:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            if isinstance(fmt, IntFormat):
+                s = (hi - lo) / (2**fmt.bits - 1) or 1.0
+                self.params.append((s, float(round(-lo / s))))
+            else:
+                self.params.append((max(-lo, hi) / fmt.max_value or 1.0, 0.0))
+
+    def _q(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        s, z = self.params[i]
+        if isinstance(self.fmt, IntFormat):
+            return quantize_int(x, self.fmt.bits, scale=s, zero_point=z)
+        return quantize_fp(x, self.fmt.exp_bits, self.fmt.man_bits, scale=s)
+
+    def __call__(self, layer: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if self.sizes is None:
+            return (self._q(x, 0), *args[1:])
+        dim = channel_dim(layer, x)
+        parts = [self._q(p, i) for i, p in enumerate(x.split(self.sizes, dim))]
+        return (torch.cat(parts, dim), *args[1:])
+
+
+def _check_calibration(scheme: Scheme, calibration: Any) -> dict[str, Any] | None:
+    if calibration is None:
+        if scheme.calibrated:
+            raise ValueError(f"scheme {scheme.text!r} quantizes activations with calibrated ranges: pass "
+                             f"calibration=dict(solver=..., steps=..., seeds=...) (the run the ranges come from)")
+        return None
+    if not isinstance(calibration, Mapping):
+        raise TypeError(f"calibration must be a dict with keys {', '.join(CALIBRATION_KEYS)}, "
+                        f"got {type(calibration).__name__}")
+    if not scheme.calibrated:
+        raise ValueError(f"scheme {scheme.text!r} leaves activations in float and takes no calibration; drop it "
+                         f"(or choose a scheme such as 'w8a8')")
+    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown calibration key {unknown[0]!r}; expected {', '.join(CALIBRATION_KEYS)}")
+    missing = [k for k in ("solver", "steps") if k not in calibration]
+    if missing:
+        raise ValueError(f"calibration needs {' and '.join(missing)} (the sampling run the ranges come from)")
+    return dict(calibration)
+
+
+def quantize(den: Denoiser | str | os.PathLike, scheme: str, *, calibration: Mapping[str, Any] | None = None
+             ) -> Denoiser:
+    """``den`` with its network replaced by a quantized deep copy (:data:`~fewstep.quant.SCHEMES`; grammar in
+    :mod:`fewstep.quant.schemes`). The original network's parameters stay bit-identical.
+
+    Args:
+        den: a :class:`ModelDenoiser` (or :class:`ClassifierFreeGuidance` over one, which is rebuilt around the
+            quantized denoiser), or a zoo model name / diffusers folder (:func:`fewstep.zoo.load`).
+        scheme: e.g. ``"int8wo"``, ``"w4a8"``, ``"fp:e2m1"``, ``"w8a8:calibration=single"``.
+        calibration: for the schemes that quantize activations, the run their ranges come from:
+            ``dict(solver=..., steps=..., seeds=..., cond=..., shape=..., grid=...)``
+            (:func:`~fewstep.quant.calibrate`'s arguments; the scheme's knobs choose trajectory or single time).
+
+    Returns:
+        A :class:`QuantizedDenoiser` (``.quant`` says what was done), under the same guidance as ``den``.
+    """
+    parsed = parse_scheme(scheme)
+    if isinstance(den, str | os.PathLike):
+        from fewstep.zoo import load
+
+        den = load(den)
+    if isinstance(den, nn.Module):
+        raise TypeError("quantize takes a Denoiser: wrap the network first, fewstep.from_diffusers(model, scheduler)")
+    inner = network_of(den)
+    cal = _check_calibration(parsed, calibration)
+    if parsed.kernel is not None:
+        net = copy.deepcopy(inner.model)
+        layers, skipped = apply_kernel(net, parsed)
+        info = QuantInfo(parsed.text, layers, skipped)
+    else:
+        ranges = None
+        if cal is not None:
+            solver, steps = cal.pop("solver"), cal.pop("steps")
+            ranges = calibrate(den, solver, steps, mode=parsed.calibration, t=parsed.t, split=parsed.split, **cal)
+        net = copy.deepcopy(inner.model)
+        layers, skipped = _apply_fake(net, parsed, ranges)
+        info = QuantInfo(parsed.text, layers, skipped, ranges)
+    return _rewrap(den, _rebuild(inner, net, info))
+
+
+def _rebuild(den: ModelDenoiser, net: nn.Module, info: QuantInfo) -> QuantizedDenoiser:
+    new = QuantizedDenoiser(net, den.schedule, prediction=den.prediction, native_time=den.native_time,
+                            dtype=den.dtype, default_cond=den.default_cond, family=den.family,
+                            sigma_data=den.sigma_data, quant=info)
+    for key, value in vars(den).items():  # what from_diffusers attaches (shift_size, scheduler_config)
+        if key not in vars(new):
+            setattr(new, key, value)
+    return new
+
+
+def _rewrap(den: Denoiser, inner: QuantizedDenoiser) -> Denoiser:
+    if isinstance(den, ClassifierFreeGuidance):
+        return ClassifierFreeGuidance(_rewrap(den.inner, inner), den.scale, uncond=den.uncond)
+    return inner
+
+
+# --- fake quantization --------------------------------------------------------------------------------------------
+
+def _fake_weight(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Per-output-channel (axis 0) rounding of a weight to ``fmt``."""
+    if isinstance(fmt, IntFormat):
+        return quantize_int(w, fmt.bits, axis=0)
+    return quantize_fp(w, fmt.exp_bits, fmt.man_bits, axis=0)
+
+
+def _split_weight(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None) -> torch.Tensor:
+    if sizes is None:
+        return _fake_weight(w, fmt)
+    return torch.cat([_fake_weight(part, fmt) for part in w.split(sizes, 1)], 1)
+
+
+def _search(w: torch.Tensor, bits: int, sizes: tuple[int, ...] | None) -> FPFormat:
+    """The ``E<e>M<bits-1-e>`` format (``e = 1 .. bits - 1``) with the least weight MSE (*LLM-FP4: 4-Bit
+    Floating-Point Quantized Transformers*, Liu et al., EMNLP 2023, search the exponent width per layer; ties go to
+    the fewer exponent bits)."""
+    best, best_err = None, math.inf
+    ref = w.detach().double()
+    for e in range(1, bits):
+        fmt = FPFormat(e, bits - 1 - e)
+        err = float((_split_weight(w.detach(), fmt, sizes).double() - ref).square().mean())
+        if err < best_err:
+            best, best_err = fmt, err
+    assert best is not None
+    return best
+
+
+def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None
+                ) -> tuple[dict[str, LayerQuant], dict[str, str]]:
+    layers: dict[str, LayerQuant] = {}
+    skipped: dict[str, str] = {}
+    for name, layer in target_layers(net):
+        w = layer.weight
+        sizes = ranges.splits.get(name) if ranges is not None else None
+        # a grouped conv's weight does not span the concatenated channels: only its input is split
+        w_sizes = sizes if sizes is not None and w.shape[1] == sum(sizes) else None
+        fmt: Format = _search(w, scheme.search_bits, w_sizes) if scheme.search_bits else scheme.weight
+        with torch.no_grad():
+            w.copy_(_split_weight(w, fmt, w_sizes))
+        act = None
+        if scheme.act is not None and ranges is not None:
+            if name in ranges.ranges:
+                layer.register_forward_pre_hook(ActQuant(scheme.act, ranges.ranges[name], sizes))
+                act = scheme.act.name
+            else:
+                skipped[name] = "input not quantized: the layer never ran during calibration"
+        parts = 1 if w_sizes is None else len(w_sizes)
+        layers[name] = LayerQuant(fmt.name, fmt.bits, w.shape[0] * parts, act, sizes)
+    return layers, skipped
+
+
+# --- storage ------------------------------------------------------------------------------------------------------
+
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor as stored: a tensor subclass (torchao's) by its inner tensors (int8 data, scales)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weights_bytes(den: Denoiser | nn.Module) -> int:
+    """Bytes of the network's stored weights (every parameter, once) as its format stores them: a fake-quant weight
+    at its bits per value (int8 and fp8: 1 byte, int4 and fp4: 1/2) plus its float32 scales, a torchao weight by
+    its int8/float8 data and scales, everything else (biases, norms, float layers) at its dtype's size."""
+    if isinstance(den, nn.Module):
+        net, info = den, None
+    else:
+        inner = network_of(den, "weights_bytes")
+        net, info = inner.model, getattr(inner, "quant", None)
+    fake: dict[int, LayerQuant] = {}
+    if info is not None:
+        modules = dict(net.named_modules())
+        for name, rec in info.layers.items():
+            if rec.kernel is None and name in modules:
+                fake[id(modules[name].weight)] = rec
+    total = 0
+    for p in net.parameters():
+        rec = fake.get(id(p))
+        if rec is None:
+            total += _stored_bytes(p)
+        else:
+            total += math.ceil(p.numel() * rec.bits / 8) + SCALE_BYTES * rec.scales
+    return total

@@ -1,0 +1,126 @@
+"""torchao's real kernels (int8 weight-only, int8 dynamic activation x int8 weight, float8 weight-only), applied to
+the layers whose kernel runs on this device, and the import noise of torchao 0.18 kept off the user's terminal.
+
+torchao is imported only here, and only when a real-kernel scheme is applied (diffusers 0.42 also imports it when
+it loads a model, if it is installed).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.quant.calibration import target_layers
+from fewstep.quant.records import LayerQuant
+from fewstep.quant.schemes import KERNELS, Scheme
+
+__all__ = ["apply_kernel", "quiet_import_noise"]
+
+
+class _KnownNoise(logging.Filter):
+    """Drops log records containing every fragment of one of ``patterns`` (and nothing else)."""
+
+    def __init__(self, *patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(all(f in message for f in pattern) for pattern in self.patterns)
+
+
+_NOISE = {
+    # torchao's optional CUDA extensions, announced one line each on a machine that cannot load them
+    "torchao": (("Failed to load", "torchao", "_C"),),
+    # torch's deprecation notice to library authors when torchao registers its enums for torch.compile
+    "torch.utils._pytree": (("is an Enum subclass and is now natively supported",),),
+    # diffusers 0.42 looking for a torchao tensor class that torchao 0.18 moved (only torchao-serialized
+    # checkpoints would need it; fewstep loads safetensors)
+    "diffusers.quantizers.torchao.torchao_quantizer": (("Unable to import `torchao` Tensor objects",),),
+}
+
+
+def quiet_import_noise() -> None:
+    """Filter the specific warnings that importing torchao 0.18 (directly, or through diffusers 0.42 loading any
+    model) prints on every run — missing optional CUDA extensions, a torch deprecation aimed at torchao, a
+    diffusers/torchao version mismatch — so that a command's stderr holds only what it has to say. Every other
+    record of those loggers passes. Idempotent."""
+    for name, patterns in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownNoise) for f in logger.filters):
+            logger.addFilter(_KnownNoise(*patterns))
+
+
+def _torchao(scheme: Scheme) -> tuple[Any, Any]:
+    """torchao's config for ``scheme`` and its ``quantize_``; ``ValueError`` naming the fake-quant alternative when
+    torchao is not installed."""
+    config_name, alternative = KERNELS[scheme.kernel]
+    quiet_import_noise()
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        raise ValueError(f"scheme {scheme.kernel!r} needs torchao (pip install torchao==0.18.0); the fake-quant "
+                         f"scheme {alternative!r} simulates it without") from None
+    return getattr(tq, config_name)(), tq.quantize_
+
+
+def _signature(layer: nn.Module) -> tuple[Any, ...]:
+    w = layer.weight
+    extra = (layer.stride, layer.padding, layer.dilation, layer.groups) if isinstance(layer, nn.Conv2d) else ()
+    return type(layer), tuple(w.shape), w.dtype, w.device, layer.bias is None, extra
+
+
+def _probe(layer: nn.Module, config: Any, quantize_: Any) -> str | None:
+    """``None`` when torchao's kernel quantizes and runs a copy of ``layer`` on its device and dtype, else why not."""
+    probe = nn.Sequential(copy.deepcopy(layer))
+    w = layer.weight
+    shape = (2, layer.in_features) if isinstance(layer, nn.Linear) else (1, layer.in_channels, 16, 16)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype=w.dtype, device=w.device)
+    try:
+        quantize_(probe, config, filter_fn=lambda m, fqn: m is probe[0])
+        with torch.no_grad():
+            out = probe(x)
+        if not bool(torch.isfinite(out).all()):
+            return "non-finite output"
+    except Exception as err:  # noqa: BLE001  (any failure of the kernel means: not on this device)
+        first = (str(err).strip().splitlines() or [""])[0][:100]
+        return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return None
+
+
+def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant], dict[str, str]]:
+    """torchao's ``quantize_`` on every layer of ``net`` (in place: pass a copy) whose kernel runs here, probed once
+    per layer shape on a copy of the layer; layers it cannot run stay float, listed with the reason in the second
+    dict (torchao 0.18 has no int8 or float8 convolution: every ``nn.Conv2d``). ``ValueError`` naming the device and
+    the fake-quant alternative when no layer can: the device lacks the kernel."""
+    config, quantize_ = _torchao(scheme)
+    probes: dict[tuple[Any, ...], str | None] = {}
+    ok: list[tuple[str, nn.Module]] = []
+    skipped: dict[str, str] = {}
+    reasons: list[tuple[bool, str]] = []
+    for name, layer in target_layers(net):
+        key = _signature(layer)
+        if key not in probes:
+            probes[key] = _probe(layer, config, quantize_)
+            if probes[key] is not None:
+                reasons.append((not isinstance(layer, nn.Linear), probes[key]))
+        if probes[key] is None:
+            ok.append((name, layer))
+        else:
+            skipped[name] = f"no torchao {scheme.kernel} kernel for this layer ({probes[key]})"
+    if not ok:
+        param = next(net.parameters())
+        why = min(reasons)[1] if reasons else "no nn.Linear or nn.Conv2d layers"  # a Linear layer's reason first
+        raise ValueError(f"scheme {scheme.kernel!r} has no torchao kernel on this device ({param.device.type}, "
+                         f"{str(param.dtype).removeprefix('torch.')} layers: {why}); the fake-quant scheme "
+                         f"{KERNELS[scheme.kernel][1]!r} simulates it")
+    chosen = {id(layer) for _, layer in ok}
+    quantize_(net, config, filter_fn=lambda m, fqn: id(m) in chosen)
+    act = "int8 dynamic" if scheme.kernel == "int8dq" else None
+    layers = {name: LayerQuant(type(layer.weight).__name__, 8, layer.weight.shape[0], act, None, type(config).__name__)
+              for name, layer in ok}
+    return layers, skipped

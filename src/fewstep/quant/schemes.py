@@ -1,0 +1,169 @@
+"""Quantization schemes: the registry the CLI lists and the grammar of a scheme string.
+
+Grammar (:func:`parse_scheme`)::
+
+    scheme := name [":" key "=" value]...          knobs as in fewstep.spec (cache and solver specs)
+            | "fp:" format [":" key "=" value]...  the fp family names its format first
+    name   := int8wo | int8dq | fp8wo              torchao's real kernels (nn.Linear layers)
+            | "w" N | "w" N "a" M                  fake-quant integers: N-bit weights per output channel (2..16),
+                                                   M-bit activations per tensor, calibrated (2..16)
+    format := "e" X "m" Y                          fake-quant E<X>M<Y> weights per output channel (e4m3, e5m2, e2m1)
+            | search                               the split of bits=B (default 4) minimizing each layer's weight MSE
+
+Knobs of the schemes that quantize activations (``wNaM``, ``fp:...:act=...``):
+
+* ``calibration=trajectory`` (default) or ``single``: ranges over every network evaluation of the calibration run,
+  or over the evaluations at one grid time only (:func:`fewstep.quant.calibrate`);
+* ``t=<time>``: with ``single``, the schedule time whose nearest grid time is observed (default: the middle step);
+* ``split=true`` (default) or ``false``: layers fed a concatenation (a U-Net's skip) quantize each part apart.
+
+The fp family takes ``act=<format>`` (``act=e4m3``, ``act=int8``) to quantize activations too, and ``fp:search``
+takes ``bits=B``. Unknown knobs raise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fewstep.grids import suggest
+from fewstep.quant.formats import Format, FPFormat, IntFormat, parse_format
+from fewstep.spec import parse_options
+
+__all__ = ["KERNELS", "SCHEMES", "Scheme", "parse_scheme"]
+
+KERNELS: dict[str, tuple[str, str]] = {
+    "int8wo": ("Int8WeightOnlyConfig", "w8"),
+    "int8dq": ("Int8DynamicActivationInt8WeightConfig", "w8a8"),
+    "fp8wo": ("Float8WeightOnlyConfig", "fp:e4m3"),
+}
+"""torchao's real-kernel schemes: the torchao config each applies, and the fake-quant scheme that simulates it."""
+
+SCHEMES: dict[str, str] = {
+    "int8wo": "torchao int8 weight-only, per output channel (real kernel; nn.Linear layers)",
+    "int8dq": "torchao int8 dynamic per-token activations x int8 weights (real kernel; nn.Linear layers)",
+    "fp8wo": "torchao float8 E4M3 weight-only, per output channel (real kernel where the device has it)",
+    "w8": "fake-quant int8 weights, symmetric per output channel",
+    "w4": "fake-quant int4 weights, symmetric per output channel",
+    "w8a8": "fake-quant int8 weights + int8 activations per tensor (calibrated over the trajectory)",
+    "w4a8": "fake-quant int4 weights + int8 activations per tensor (calibrated over the trajectory)",
+    "fp:e4m3": "fake-quant FP8 E4M3 weights (OCP, max 448) per output channel",
+    "fp:e5m2": "fake-quant FP8 E5M2 weights (max 57344) per output channel",
+    "fp:e2m1": "fake-quant FP4 E2M1 weights (OCP MX, max 6) per output channel",
+    "fp:search": "fake-quant FP weights of bits=B (default 4), exponent/mantissa split searched per layer",
+}
+"""Public scheme names -> one-line descriptions (the list the CLI and the docs read). ``wNaM`` and ``fp:eXmY`` take
+any widths, not only the ones listed."""
+
+CALIBRATIONS = ("trajectory", "single")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A parsed scheme: either a torchao ``kernel`` or fake-quant ``weight`` (and ``act``) formats."""
+
+    text: str
+    kernel: str | None = None
+    weight: Format | None = None
+    act: Format | None = None
+    search_bits: int | None = None  # fp:search: the width whose exponent/mantissa split each layer chooses
+    calibration: str = "trajectory"
+    t: float | None = None
+    split: bool = True
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the scheme quantizes activations with ranges from a calibration run."""
+        return self.act is not None
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def parse_scheme(text: str) -> Scheme:
+    """A scheme string (module docstring's grammar) -> :class:`Scheme`; a one-line ``ValueError`` naming the closest
+    known scheme otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"a quantization scheme is a string such as 'w8a8', got {type(text).__name__}")
+    name, *items = text.strip().split(":")
+    weight: Format | None = None
+    act: Format | None = None
+    search_bits: int | None = None
+    kernel: str | None = None
+    if name == "fp":
+        if not items or "=" in items[0]:
+            raise ValueError(f"bad scheme {text!r}: the fp family names its format first (fp:e4m3, fp:e2m1, "
+                             f"fp:search:bits=4)")
+        fmt, *items = items
+        knobs = parse_options(items)
+        if fmt == "search":
+            search_bits = knobs.pop("bits", 4)
+            if isinstance(search_bits, bool) or not isinstance(search_bits, int) or not 3 <= search_bits <= 16:
+                raise ValueError(f"fp:search needs bits=<3..16> (1 sign bit, at least one exponent bit), "
+                                 f"got {search_bits!r}")
+        else:
+            weight = _fp_format(fmt, text)
+        if "act" in knobs:
+            act = _act_format(knobs.pop("act"), text)
+        name = f"fp:{fmt}"
+    else:
+        knobs = parse_options(items)
+        if name in KERNELS:
+            kernel = name
+        elif m := re.fullmatch(r"w(\d+)(?:a(\d+))?", name):
+            weight = _int_format(m[1], "weight", text)
+            act = None if m[2] is None else _int_format(m[2], "activation", text)
+        else:
+            known = list(SCHEMES)
+            raise ValueError(f"unknown quantization scheme {text!r}{suggest(name, known)}; known: "
+                             f"{', '.join(known)} (wNaM and fp:eXmY take any widths)")
+    calibration, t, split = "trajectory", None, True
+    if act is not None:
+        calibration = knobs.pop("calibration", "trajectory")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+        if "t" in knobs:
+            t = knobs.pop("t")
+            if calibration != "single":
+                raise ValueError("t= picks the time of calibration=single; a trajectory calibration sees every time")
+            if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+                raise ValueError(f"t must be a schedule time (a number >= 0), got {t!r}")
+            t = float(t)
+        split = _bool("split", knobs.pop("split", True))
+    if knobs:
+        what = "a torchao kernel scheme" if kernel else "this scheme"
+        extra = "" if kernel or act else " (calibration knobs are for schemes that quantize activations)"
+        raise ValueError(f"{what} {name!r} takes no knob {sorted(knobs)[0]!r}{extra}")
+    return Scheme(text=text.strip(), kernel=kernel, weight=weight, act=act, search_bits=search_bits,
+                  calibration=calibration, t=t, split=split)
+
+
+def _int_format(digits: str, what: str, text: str) -> IntFormat:
+    bits = int(digits)
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bad scheme {text!r}: {what} bits must be in [2, 16], got {bits}")
+    return IntFormat(bits)
+
+
+def _fp_format(fmt: str, text: str) -> FPFormat:
+    m = re.fullmatch(r"e(\d+)m(\d+)", fmt)
+    if m is None:
+        known = [k.partition(":")[2] for k in SCHEMES if k.startswith("fp:")]
+        raise ValueError(f"unknown fp format {fmt!r} in {text!r}{suggest(fmt, known)}; expected e<exp>m<man> "
+                         f"(e4m3, e5m2, e2m1) or search")
+    try:
+        return FPFormat(int(m[1]), int(m[2]))
+    except ValueError as err:
+        raise ValueError(f"bad scheme {text!r}: {err}") from None
+
+
+def _act_format(value: Any, text: str) -> Format:
+    try:
+        return parse_format(str(value))
+    except ValueError as err:
+        raise ValueError(f"bad act= in {text!r}: {err}") from None

@@ -1,0 +1,432 @@
+"""fewstep.quant: number formats against their definitions and torch's own casts, schemes, timestep-aware calibration
+(counted evaluations), split skip concatenations, torchao's kernels, and the original network left untouched."""
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fewstep
+from fewstep.hooks import NFECounter
+from fewstep.models import ClassifierFreeGuidance, from_diffusers
+from fewstep.quant import (
+    SCHEMES,
+    ActQuant,
+    FPFormat,
+    IntFormat,
+    QuantizedDenoiser,
+    calibrate,
+    find_splits,
+    fp_max,
+    fp_values,
+    parse_scheme,
+    quantize,
+    quantize_fp,
+    quantize_int,
+    target_layers,
+    weights_bytes,
+)
+from fewstep.quant import kernels as quant_kernels
+from fewstep.schedules import LinearVP
+from fewstep.zoo import AnalyticDenoiser, gaussian, load
+
+
+@pytest.fixture(scope="module")
+def unet_s():
+    return load("unet_s")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random UNet2DModel (block channels 8, 16) as a denoiser."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    return from_diffusers(unet, diffusers.DDPMScheduler(num_train_timesteps=1000))
+
+
+def snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def assert_untouched(net: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert type(after[k]) is torch.Tensor and torch.equal(after[k], v), k  # plain tensors, bit for bit
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def trajectory(den, solver="ddim", steps=5, seeds=4):
+    rec = fewstep.TrajectoryRecorder()
+    fewstep.sample(den, solver, steps, shape=den.sample_shape, seeds=seeds, hooks=[rec])
+    return list(zip(rec.times[:-1], rec.states[:-1], strict=True))
+
+
+# ---------------------------------------------------------------- integer formats
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_int_representable_values_round_trip_exactly(bits):
+    s = 0.37
+    k = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.float64)
+    assert torch.equal(quantize_int(k * s, bits, scale=s), k * s)
+    z = 3.0  # asymmetric: codes 0 .. 2^b - 1 shifted by the zero point
+    codes = torch.arange(0, 2**bits, dtype=torch.float64)
+    assert torch.equal(quantize_int((codes - z) * s, bits, scale=s, zero_point=z), (codes - z) * s)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_int_error_is_at_most_half_a_step_and_saturates(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 40, generator=g) * torch.logspace(-2, 1, 16)[:, None]  # channels of very different size
+    q = quantize_int(w, bits, axis=0)
+    step = w.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)  # per output channel
+    assert ((q - w).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert torch.allclose(quantize_int(q, bits, axis=0), q, rtol=1e-6, atol=0)  # idempotent: q is on the grid
+    assert float(quantize_int(torch.tensor([1e4]), bits, scale=1.0)) == 2 ** (bits - 1) - 1
+    assert float(quantize_int(torch.tensor([-1e4]), bits, scale=1.0, zero_point=1.0)) == -1.0
+
+
+def test_int_16_bits_equals_float_to_round_off():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    assert rel(quantize_int(x, 16), x) < 1e-4
+
+
+# ---------------------------------------------------------------- floating-point formats
+
+
+def test_fp_value_sets_from_the_standards():
+    assert fp_values(2, 1) == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX FP4 E2M1
+    assert fp_max(4, 3) == 448.0 and fp_max(5, 2) == 57344.0  # OCP FP8
+    assert fp_max(3, 2) == 28.0 and fp_max(2, 3) == 7.5  # OCP MX FP6
+    assert fp_max(5, 10) == 65504.0  # IEEE half
+    # E4M3 reserves one NaN code of 128 non-negative codes; E5M2 reserves inf and three NaNs
+    assert len(fp_values(4, 3)) == 127 and len(fp_values(5, 2)) == 124
+    assert fp_values(4, 3)[1] == 2.0**-9  # smallest subnormal: 2^(1 - bias - m)
+
+
+@pytest.mark.parametrize("fmt,dtype", [((4, 3), torch.float8_e4m3fn), ((5, 2), torch.float8_e5m2),
+                                       ((5, 10), torch.float16), ((8, 7), torch.bfloat16)])
+def test_fp_rounding_equals_torchs_own_casts(fmt, dtype):
+    """Round to nearest even with subnormals, checked against torch's float8/float16/bfloat16 conversions from
+    subnormal magnitudes up to the format's maximum."""
+    g = torch.Generator().manual_seed(0)
+    top = fp_max(*fmt)
+    tiny = fp_values(*fmt)[1] if fmt[0] < 8 else 2.0**-133
+    mag = torch.exp(torch.empty(50_000, dtype=torch.float64).uniform_(math.log(tiny), math.log(top), generator=g))
+    x = (mag * torch.sign(torch.randn(50_000, generator=g, dtype=torch.float64))).float()
+    x = x[x.abs() <= top]
+    assert torch.equal(quantize_fp(x, *fmt, scale=1.0), x.to(dtype).float())
+
+
+@pytest.mark.parametrize("fmt", [(2, 1), (3, 2), (4, 3), (1, 2)])
+def test_fp_rounds_to_the_nearest_representable_value(fmt):
+    values = torch.tensor(fp_values(*fmt), dtype=torch.float64)
+    grid = torch.cat([-values.flip(0), values])
+    assert torch.equal(quantize_fp(grid, *fmt, scale=1.0), grid)  # round trip
+    x = torch.empty(2000, dtype=torch.float64).uniform_(-1.2 * values[-1], 1.2 * values[-1],
+                                                        generator=torch.Generator().manual_seed(2))
+    nearest = grid[(x[:, None] - grid[None]).abs().argmin(1)]  # brute force; beyond the max: the max
+    assert torch.equal(quantize_fp(x, *fmt, scale=1.0), nearest)
+    special = quantize_fp(torch.tensor([float("inf"), -1e30, float("nan")]), *fmt, scale=1.0)
+    assert special[0] == values[-1] and special[1] == -values[-1] and special[2].isnan()
+
+
+def test_fp_per_channel_scale_maps_each_channel_max_to_the_format_max():
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(3)) * torch.arange(1, 7)[:, None]
+    q = quantize_fp(w, 2, 1, axis=0)
+    scale = w.abs().amax(1, keepdim=True) / 6.0
+    assert torch.allclose(q.abs().amax(1), w.abs().amax(1))
+    on_grid = torch.tensor(fp_values(2, 1))
+    assert ((q / scale).abs().unsqueeze(-1) - on_grid).abs().amin(-1).max() < 1e-5
+
+
+def test_fp_16_bits_equals_float_to_round_off():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    assert rel(quantize_fp(x, 5, 10), x) < 1e-3 and rel(quantize_fp(x, 8, 7), x) < 5e-3
+
+
+# ---------------------------------------------------------------- schemes
+
+
+def test_every_listed_scheme_parses():
+    for name in SCHEMES:
+        assert parse_scheme(name).text == name
+    s = parse_scheme("w4a8:calibration=single:t=0.5:split=false")
+    assert (s.weight, s.act, s.calibration, s.t, s.split) == (IntFormat(4), IntFormat(8), "single", 0.5, False)
+    s = parse_scheme("fp:e2m1:act=e4m3")
+    assert (s.weight, s.act) == (FPFormat(2, 1), FPFormat(4, 3))
+    assert parse_scheme("fp:search:bits=6").search_bits == 6 and parse_scheme("fp:search").search_bits == 4
+    assert parse_scheme("w3a6").act == IntFormat(6)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("int8w", "did you mean 'int8wo'"),
+    ("w8a", "unknown quantization scheme"),
+    ("w1", "weight bits must be in [2, 16]"),
+    ("w8a32", "activation bits must be in [2, 16]"),
+    ("fp", "names its format first"),
+    ("fp:e4m9x", "unknown fp format"),
+    ("fp:e9m1", "exponent bits"),
+    ("fp:search:bits=2", "bits=<3..16>"),
+    ("w8:calibration=single", "takes no knob 'calibration'"),
+    ("int8wo:fast=true", "takes no knob 'fast'"),
+    ("w8a8:t=0.5", "calibration=single"),
+    ("w8a8:calibration=sometimes", "trajectory, single"),
+    ("w8a8:split=1", "split must be true or false"),
+    ("fp:e4m3:act=e9", "bad act="),
+    ("w8a8:seeds", "expected key=value"),
+])
+def test_bad_schemes_get_one_line_errors(text, message):
+    with pytest.raises(ValueError, match=None) as err:
+        parse_scheme(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- quantize: errors
+
+
+def test_quantize_refuses_bad_input(unet_s):
+    cal = dict(solver="ddim", steps=3, seeds=2)
+    with pytest.raises(ValueError, match="pass calibration=dict"):
+        quantize(unet_s, "w8a8")
+    with pytest.raises(ValueError, match="takes no calibration"):
+        quantize(unet_s, "w8", calibration=cal)
+    with pytest.raises(ValueError, match="needs steps"):
+        quantize(unet_s, "w8a8", calibration=dict(solver="ddim"))
+    with pytest.raises(ValueError, match="unknown calibration key 'batch'"):
+        quantize(unet_s, "w8a8", calibration={**cal, "batch": 2})
+    with pytest.raises(TypeError, match="from_diffusers"):
+        quantize(unet_s.model, "w8")
+    with pytest.raises(TypeError, match="ModelDenoiser"):
+        quantize(AnalyticDenoiser(gaussian(dim=2), LinearVP()), "w8")
+    with pytest.raises(ValueError, match="did you mean 'fp8wo'"):
+        quantize(unet_s, "fp8")
+
+
+def test_a_kernel_the_device_lacks_is_named_with_its_alternative(unet_s):
+    """torchao's int8 kernels take no float64 on this CPU: the scheme says so in one line, with the device and the
+    fake-quant scheme that simulates it."""
+    den64 = quantize(unet_s, "w16")  # a private copy to cast
+    den64.model.double()
+    den64.dtype = torch.float64
+    with pytest.raises(ValueError) as err:
+        quantize(den64, "int8wo")
+    msg = str(err.value)
+    assert "no torchao kernel on this device (cpu, float64" in msg and "'w8'" in msg and "\n" not in msg
+
+
+def test_missing_kernel_on_any_device_and_missing_torchao(unet_s, monkeypatch):
+    monkeypatch.setattr(quant_kernels, "_probe", lambda *a: "RuntimeError: no fp8 on this GPU")
+    with pytest.raises(ValueError, match=r"'fp8wo' has no torchao kernel on this device \(cpu, float32 layers: "
+                                         r"RuntimeError: no fp8 on this GPU\); the fake-quant scheme 'fp:e4m3'"):
+        quantize(unet_s, "fp8wo")
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ValueError, match=r"needs torchao \(pip install torchao==0.18.0\).*'w8a8'"):
+        quantize(unet_s, "int8dq")
+
+
+# ---------------------------------------------------------------- torchao kernels
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8wo", 0.02), ("int8dq", 0.02), ("fp8wo", 0.02)])
+def test_torchao_kernels_are_close_to_float_and_leave_the_original(unet_s, scheme, tol):
+    before, rng = snapshot(unet_s.model), torch.get_rng_state()
+    q = quantize(unet_s, scheme)
+    assert isinstance(q, QuantizedDenoiser) and q.model is not unet_s.model
+    assert_untouched(unet_s.model, before)
+    assert torch.equal(torch.get_rng_state(), rng)  # the kernel probes draw from their own generator
+    linears = [n for n, m in target_layers(q.model) if isinstance(m, nn.Linear)]
+    convs = [n for n, m in target_layers(q.model) if isinstance(m, nn.Conv2d)]
+    assert sorted(q.quant.layers) == sorted(linears)  # torchao 0.18 has no int8/float8 convolution
+    assert sorted(q.quant.skipped) == sorted(convs)
+    for name in linears:
+        assert type(q.model.get_submodule(name).weight).__name__ in ("Int8Tensor", "Float8Tensor")
+    with torch.no_grad():
+        for t, x in trajectory(unet_s):
+            n = unet_s.native_time(t)
+            assert rel(q.network(x, n), unet_s.network(x, n)) < tol
+    assert weights_bytes(q) < weights_bytes(unet_s)
+
+
+# ---------------------------------------------------------------- fake quantization
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w4", "fp:e4m3", "fp:e2m1"])
+def test_fake_quant_weights_lie_on_the_grid_and_the_original_is_untouched(unet_s, scheme):
+    before = snapshot(unet_s.model)
+    q = quantize(unet_s, scheme)
+    assert_untouched(unet_s.model, before)
+    fmt = parse_scheme(scheme).weight
+    for name, layer in target_layers(q.model):
+        w = layer.weight.detach()
+        again = quantize_int(w, fmt.bits, axis=0) if isinstance(fmt, IntFormat) else \
+            quantize_fp(w, fmt.exp_bits, fmt.man_bits, axis=0)
+        assert torch.allclose(again, w, rtol=1e-6, atol=0), name  # on the grid (scales recomputed: round-off)
+        assert q.quant.layers[name].weight == fmt.name
+    # the wrapped denoiser is the same model otherwise
+    assert (q.schedule, q.prediction, q.family, q.dtype) == (unet_s.schedule, unet_s.prediction, unet_s.family,
+                                                              unet_s.dtype)
+    assert q.scheduler_config == unet_s.scheduler_config
+
+
+def test_fp_search_picks_the_least_mse_split_per_layer(unet_s):
+    q = quantize(unet_s, "fp:search:bits=4")
+    for name, layer in target_layers(unet_s.model):
+        w = layer.weight.detach()
+        errs = {f"e{e}m{3 - e}": float((quantize_fp(w, e, 3 - e, axis=0).double() - w.double()).square().mean())
+                for e in (1, 2, 3)}
+        pick = q.quant.layers[name].weight
+        assert errs[pick] == min(errs.values()), (name, errs, pick)
+    assert weights_bytes(q) == weights_bytes(quantize(unet_s, "fp:e2m1"))
+
+
+def test_weights_bytes_count_the_format(unet_s):
+    params = sum(p.numel() for p in unet_s.model.parameters())
+    assert weights_bytes(unet_s) == 4 * params
+    layers = target_layers(unet_s.model)
+    quantized = sum(m.weight.numel() for _, m in layers)
+    scales = 4 * sum(m.weight.shape[0] for _, m in layers)  # one float32 scale per output channel
+    rest = 4 * (params - quantized)
+    assert weights_bytes(quantize(unet_s, "w8")) == rest + quantized + scales
+    assert weights_bytes(quantize(unet_s, "fp:e4m3")) == rest + quantized + scales
+    assert weights_bytes(quantize(unet_s, "w4")) == rest + sum(math.ceil(m.weight.numel() / 2)
+                                                               for _, m in layers) + scales
+
+
+def test_16_bit_fake_quant_equals_float_to_round_off(unet_s):
+    q = quantize(unet_s, "w16a16", calibration=dict(solver="ddim", steps=5, seeds=4))
+    w16 = quantize(unet_s, "w16")
+    with torch.no_grad():
+        for t, x in trajectory(unet_s, seeds=4):  # the calibration's own trajectory: no clipping
+            n = unet_s.native_time(t)
+            ref = unet_s.network(x, n)
+            assert rel(w16.network(x, n), ref) < 2e-4
+            assert rel(q.network(x, n), ref) < 1e-3
+
+
+def test_guided_denoisers_are_quantized_under_their_guidance(unet_s):
+    guided = ClassifierFreeGuidance(unet_s, 1.5)
+    q = quantize(guided, "w8")
+    assert isinstance(q, ClassifierFreeGuidance) and q.scale == 1.5 and isinstance(q.inner, QuantizedDenoiser)
+    assert isinstance(quantize("unet_s", "w8"), QuantizedDenoiser)  # a zoo name loads the model
+
+
+def test_quantized_sampling_is_deterministic(unet_s):
+    q = quantize(unet_s, "w4a8", calibration=dict(solver="dpmpp_2m", steps=4, seeds=3))
+    a = fewstep.sample(q, "dpmpp_2m", 4, shape=unet_s.sample_shape, seeds="0-2")
+    b = fewstep.sample(q, "dpmpp_2m", 4, shape=unet_s.sample_shape, seeds="0-2")
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@pytest.mark.parametrize("solver,steps", [("ddim", 5), ("dpmpp_2m", 4), ("heun", 3)])
+def test_trajectory_calibration_observes_every_evaluation(unet_s, solver, steps):
+    before = snapshot(unet_s.model)
+    r = calibrate(unet_s, solver, steps, seeds=2)
+    assert_untouched(unet_s.model, before)  # observers removed, weights as they were
+    counter = NFECounter()
+    fewstep.sample(unet_s, solver, steps, shape=unet_s.sample_shape, seeds=2, hooks=[counter])
+    layers = [n for n, _ in target_layers(unet_s.model)]
+    assert r.nfe == counter.nfe and len(r.times) == counter.nfe
+    assert r.counts == {n: counter.nfe for n in layers}
+    assert sum(r.counts.values()) == counter.nfe * len(layers)
+    assert set(r.ranges) == set(layers)
+
+
+def test_single_time_calibration_sees_one_time_and_less_range(unet_s):
+    full = calibrate(unet_s, "ddim", 6, seeds=2)
+    one = calibrate(unet_s, "ddim", 6, seeds=2, mode="single")
+    grid = fewstep.grids.make_grid("logsnr", unet_s.schedule, 6).tolist()
+    assert one.times == (grid[3],)  # the middle step, once (DDIM evaluates once per step)
+    assert set(one.counts.values()) == {1}
+    for name, parts in one.ranges.items():  # a subset of the same run's evaluations
+        for (lo1, hi1), (lo, hi) in zip(parts, full.ranges[name], strict=True):
+            assert lo <= lo1 <= hi1 <= hi
+    at = calibrate(unet_s, "ddim", 6, seeds=2, mode="single", t=0.02)
+    assert at.times == (min(grid[:-1], key=lambda s: abs(s - 0.02)),)
+    with pytest.raises(ValueError, match="outside the schedule's times"):
+        calibrate(unet_s, "ddim", 6, seeds=2, mode="single", t=5.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        calibrate(unet_s, "ddim", 6, mode="uniform")
+
+
+def test_single_time_calibration_clips_other_times(unet_s):
+    """Naive calibration at one time is the worse one on the same run (the point of timestep-aware ranges)."""
+    kw = dict(shape=unet_s.sample_shape, seeds="0-7")
+    ref = fewstep.sample(unet_s, "ddim", 5, **kw)
+    err = {}
+    for mode in ("trajectory", "single"):
+        q = quantize(unet_s, f"w8a8:calibration={mode}", calibration=dict(solver="ddim", steps=5, seeds="0-7"))
+        err[mode] = rel(fewstep.sample(q, "ddim", 5, **kw), ref)
+    assert err["trajectory"] < err["single"]
+
+
+# ---------------------------------------------------------------- split skip concatenations
+
+
+TINY_SPLITS = {  # (deep features, skip) channels entering each up-block resnet, from the architecture by hand
+    "up_blocks.0.resnets.0": (16, 16),  # mid-block output + the last down resnet's
+    "up_blocks.0.resnets.1": (16, 8),  # + down block 0's downsampler output
+    "up_blocks.1.resnets.0": (16, 8),  # upsampled + down block 0's resnet output
+    "up_blocks.1.resnets.1": (8, 8),  # + conv_in's output
+}
+
+
+def test_skip_concatenations_are_found_on_a_tiny_unet(tiny):
+    splits = find_splits(tiny)
+    expected = {f"{block}.{layer}": sizes for block, sizes in TINY_SPLITS.items()
+                for layer in ("conv1", "conv_shortcut")}
+    expected["time_embedding.linear_1"] = (4, 4)  # the sinusoidal embedding's cos | sin halves, also a concat
+    assert splits == expected
+    r = calibrate(tiny, "ddim", 3, seeds=2)
+    assert r.splits == expected and all(len(r.ranges[n]) == 2 for n in expected)
+    assert calibrate(tiny, "ddim", 3, seeds=2, split=False).splits == {}
+    q = quantize(tiny, "w8a8", calibration=dict(solver="ddim", steps=3, seeds=2))
+    for name, sizes in expected.items():
+        assert q.quant.layers[name].split == sizes
+        w = q.model.get_submodule(name).weight.detach()
+        for part in w.split(sizes, 1):  # each part's weights on its own per-channel grid
+            assert torch.allclose(quantize_int(part, 8, axis=0), part, rtol=1e-6, atol=0)
+    unsplit = quantize(tiny, "w8a8:split=false", calibration=dict(solver="ddim", steps=3, seeds=2))
+    assert all(rec.split is None for rec in unsplit.quant.layers.values())
+
+
+def test_split_ranges_keep_the_narrow_part_resolved():
+    """One range for cat([wide, narrow]) spends the levels on the wide part; a range per part does not."""
+    g = torch.Generator().manual_seed(0)
+    wide, narrow = torch.randn(2, 8, 4, 4, generator=g) * 50, torch.randn(2, 8, 4, 4, generator=g) * 0.1
+    x = torch.cat([wide, narrow], 1)
+    conv = nn.Conv2d(16, 4, 1)
+    ranges = ((float(wide.min()), float(wide.max())), (float(narrow.min()), float(narrow.max())))
+    joint = ActQuant(IntFormat(8), ((min(r[0] for r in ranges), max(r[1] for r in ranges)),), None)(conv, (x,))[0]
+    split = ActQuant(IntFormat(8), ranges, (8, 8))(conv, (x,))[0]
+    assert rel(split[:, 8:], narrow) < 0.02 < rel(joint[:, 8:], narrow)
+    assert rel(split[:, :8], wide) < 0.01 and rel(joint[:, :8], wide) < 0.01
+
+
+# ---------------------------------------------------------------- exports and import noise
+
+
+def test_exported_from_fewstep():
+    assert fewstep.quantize is quantize and fewstep.QUANT_SCHEMES is SCHEMES
+
+
+def test_only_the_known_import_noise_is_filtered():
+    log = logging.getLogger("torchao")
+    records = [logging.LogRecord("torchao", logging.WARNING, __file__, 1, msg, None, None) for msg in (
+        "Failed to load /x/torchao/_C_mxfp8.so: Could not load this library", "something else entirely")]
+    assert [all(f.filter(r) for f in log.filters) for r in records] == [False, True]
