@@ -191,11 +191,13 @@ def _sample_plan(args: argparse.Namespace) -> Any:
     from fewstep.plan import Plan
 
     flags = {"--model": args.model, "--solver": args.solver, "--steps": args.steps, "--grid": args.grid,
-             "--option": args.option, "--cache": args.cache, "--dtype": args.dtype, "--device": args.device}
+             "--option": args.option, "--cache": args.cache, "--quant": args.quant, "--dtype": args.dtype,
+             "--device": args.device}
     if args.plan is not None:
         given = [k for k, v in flags.items() if v is not None]
         if given:
-            raise ValueError(f"--plan gives the model, solver, grid, cache, dtype and device; drop {', '.join(given)}")
+            raise ValueError(f"--plan gives the model, solver, grid, cache, quant, dtype and device; drop "
+                             f"{', '.join(given)}")
         plan = Plan.load(args.plan)
         _plan_device(plan)
         return plan
@@ -204,7 +206,7 @@ def _sample_plan(args: argparse.Namespace) -> Any:
     cache = args.cache if args.cache not in (None, "none") else ""
     return Plan(model=args.model, solver=args.solver or "dpmpp_2m", solver_options=_options(args.option),
                 grid=args.grid or "time_quadratic", steps=args.steps or 10, cache=cache, dtype=args.dtype or "float32",
-                device=args.device or "cpu")
+                device=args.device or "cpu", quant=args.quant or "")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -251,10 +253,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if rank == 0:
                 shards.clean()  # a killed writer's temporary files; no process writes until the barrier
             barrier()
-        sampler = plan.build(den)
+        sampler = plan.build(den)  # a quantized plan quantizes a copy of den's network (and calibrates) here
         stats = CacheStats()
         cal = sampler.calibration
         note = "" if cal is None else f" (auto: {cal.spec}, calibration error {cal.error:.3g})"
+        if plan.quant:
+            from fewstep.quant import weights_bytes
+
+            note += (f"; {plan.quant}: weights {weights_bytes(sampler.network) / 1024:,.1f} of "
+                     f"{weights_bytes(den) / 1024:,.1f} KiB")
         if shards is not None:
             from fewstep.shards import run_shards
 
@@ -313,10 +320,11 @@ def _generate_plan(args: argparse.Namespace) -> Any:
     from fewstep.plan import Plan
 
     flags = {"--solver": args.solver, "--option": args.option, "--steps": args.steps, "--grid": args.grid,
-             "--cache": args.cache, "--guidance": args.guidance, "--dtype": args.dtype, "--device": args.device}
+             "--cache": args.cache, "--quant": args.quant, "--guidance": args.guidance, "--dtype": args.dtype,
+             "--device": args.device}
     given = [k for k, v in flags.items() if v is not None]
     if given:
-        raise ValueError(f"--plan gives the solver, grid, steps, cache, guidance, dtype and device; drop "
+        raise ValueError(f"--plan gives the solver, grid, steps, cache, quant, guidance, dtype and device; drop "
                          f"{', '.join(given)}")
     plan = Plan.load(args.plan)
     try:
@@ -343,7 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from fewstep.bench.report import mosaic
     from fewstep.outputs import atomic_write, check_output_file
-    from fewstep.pipelines import DTYPES, generate, load_pipeline, use_fewstep
+    from fewstep.pipelines import DTYPES, check_pipeline_scheme, generate, load_pipeline, quantize_pipeline, use_fewstep
     from fewstep.scheduler import FewstepScheduler
 
     out = check_output_file(args.out, (".png", ".npz"))  # before any work
@@ -355,21 +363,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         solver, options, grid = args.solver or "dpmpp_2m", _options(args.option), args.grid or "diffusers"
         grid_options: dict[str, Any] = {}
         steps, cache, guidance = args.steps or 20, args.cache or "none", args.guidance
+        quant = "" if args.quant in (None, "none") else args.quant
         dtype, device, where = args.dtype or "float32", args.device or "cpu", f"the {grid} grid"
-    else:  # the pipeline stands in for the plan's model; cache and guidance go on the pipeline, not the scheduler
+    else:  # the pipeline stands in for the plan's model; quant, cache, guidance go on the pipeline, not the scheduler
         solver, options, grid, grid_options = plan.solver, dict(plan.solver_options), plan.grid, dict(plan.grid_options)
-        steps, cache, guidance = plan.steps, plan.cache or "none", plan.guidance
+        steps, cache, guidance, quant = plan.steps, plan.cache or "none", plan.guidance, plan.quant
         dtype, device, where = plan.dtype, plan.device, f"the {grid} grid of {args.plan}"
     # A bad solver, knob or grid, or a solver no pipeline can drive, fails here, before the pipeline loads (a plan's
     # explicit times are checked on the pipeline's own schedule once it is loaded, before it runs).
     FewstepScheduler(solver, "diffusers" if grid == "explicit" else grid, solver_options=options,
                      grid_options=grid_options)
     _check_pipeline_cache(cache)
+    if quant:
+        check_pipeline_scheme(quant)
     pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[dtype], device=device)
+    info = quantize_pipeline(pipe, quant) if quant else None  # before the cache, which hooks the network in place
     if plan is None:
         scheduler = use_fewstep(pipe, solver, grid, **options)
     else:
-        scheduler = FewstepScheduler.from_plan(dataclasses.replace(plan, cache="", guidance=None), pipe.scheduler)
+        scheduler = FewstepScheduler.from_plan(dataclasses.replace(plan, cache="", guidance=None, quant=""),
+                                               pipe.scheduler)
         pipe.scheduler = scheduler
     handle = None
     if cache != "none":
@@ -399,11 +412,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         atomic_write(out, lambda f: image.save(f, format="PNG"))
         what = "images"
     note = ""
+    if info is not None:
+        note = f"; network {quant} ({len(info.layers)} layers quantized, {len(info.skipped)} left in float)"
     if handle is not None:
         st = handle.stats
         if handle.calibration is not None:
             cache = f"{cache} -> {handle.calibration.spec}"
-        note = (f"; cache {cache} reused {st.reused} of {st.full + st.reused} evaluations, computed "
+        note += (f"; cache {cache} reused {st.reused} of {st.full + st.reused} evaluations, computed "
                 f"{100 * st.mean_work:.0f} % of the network")
     print(f"{len(args.seeds)} {what}, {solver} on {where}, {calls} network calls{note} -> {out}")
     return 0
@@ -437,7 +452,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plans = _bench_plans(args.plans)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
                  with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache, plans=plans,
-                 dtype=args.dtype, device=args.device)
+                 dtype=args.dtype, device=args.device, quants=args.quant)
     _check_caches(args.models, args.cache)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -644,8 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Sample a model. Example: fewstep sample --model unet_m --solver dpmpp_2m "
                                      "--steps 10 --seeds 0-63 --out grid.png")
     smp.add_argument("--model", default=None, help="zoo model name (see `fewstep models`) or a diffusers folder")
-    smp.add_argument("--plan", default=None, help="a plan file (JSON: model, solver, grid or times, cache) "
-                     "instead of --model/--solver/--steps/--grid/--option/--cache")
+    smp.add_argument("--plan", default=None, help="a plan file (JSON: model, solver, grid or times, cache, quant, "
+                     "dtype, device) instead of --model/--solver/--steps/--grid/--option/--cache/--quant/--dtype/"
+                     "--device")
     smp.add_argument("--solver", default=None, help="solver name (see `fewstep solvers`; dpmpp_2m)")
     smp.add_argument("--steps", type=_step_count, default=None, help="number of steps (10)")
     smp.add_argument("--grid", choices=list(GRIDS), default=None, help="time grid (time_quadratic)")
@@ -656,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--cache", default=None, help="feature cache: taylorseer:interval=3:order=2, "
                      "deepcache:interval=3, encoder:interval=2 (U-Nets), block:threshold=0.05, magcache:threshold=0.1 "
                      "(transformers), auto:target_error=0.05[:method=all] (calibrated here), none")
+    smp.add_argument("--quant", default=None, metavar="SCHEME",
+                     help="quantize (a copy of) the network: " + _scheme_list() + "; schemes with activations (wNaM, "
+                          "fp:...:act=) calibrate on this run's solver and steps (seeds 1000-1127); none (default)")
     smp.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default=None,
                      help="precision of the network (float32; float16/bfloat16 keep the state in float32)")
     smp.add_argument("--device", type=_device, default=None, help="torch device (cpu; cuda, cuda:1, ...)")
@@ -681,10 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="negative prompt (default: the pipeline's)")
     gen.add_argument("--plan", default=None,
                      help="a plan file (fewstep tune's plan_nfe<N>.json) giving the solver and knobs, the grid or "
-                          "times and steps, the cache, the guidance scale, the dtype of the weights (float32, "
-                          "float16 or bfloat16; the latents stay float32) and the device, instead of --solver/"
-                          "--option/--grid/--steps/--cache/--guidance/--dtype/--device; the pipeline stands in for "
-                          "the plan's model")
+                          "times and steps, the cache, the quantization, the guidance scale, the dtype of the "
+                          "weights (float32, float16 or bfloat16; the latents stay float32) and the device, instead of "
+                          "--solver/--option/--grid/--steps/--cache/--quant/--guidance/--dtype/--device; the pipeline "
+                          "stands in for the plan's model")
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     gen.add_argument("--solver", default=None, help="fewstep solver name (see `fewstep solvers`; dpmpp_2m)")
     gen.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. tau=0")
@@ -701,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "taylorseer:interval=3:order=2, deepcache:interval=3, encoder:interval=2 (U-Nets), "
                      "block:threshold=0.08, magcache:threshold=0.1 (transformers), auto:target_error=0.05"
                      "[:method=all] (calibrated by running the pipeline on seeds 1000-1003), none (default)")
+    gen.add_argument("--quant", default=None, metavar="SCHEME",
+                     help="quantize the pipeline's unet/transformer with a weight-only scheme: " + _scheme_list()
+                          + " (not those that calibrate activations, wNaM); none (default)")
     gen.add_argument("--out", required=True, help="output .png (RGB image grid) or .npz (undecoded latents)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
@@ -767,6 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated feature caches to run every fewstep solver with: none, "
                             "taylorseer:interval=3, deepcache:interval=3, encoder:interval=2, block:threshold=0.05, "
                             "magcache:threshold=0.1, auto:target_error=0.05 (default: none)")
+    bench.add_argument("--quant", type=lambda s: s.split(","), default=[""], metavar="SCHEMES",
+                       help="comma-separated quantization schemes to run every fewstep solver with (none for the "
+                            "float network): " + _scheme_list() + "; each quantized row also records quant_error "
+                            "(RMSE against the float network's samples from the same noise) and weights_bytes "
+                            "(default: none)")
     bench.add_argument("--plans", type=lambda s: [x for x in s.split(",") if x], default=[],
                        help="comma-separated plan files (e.g. fewstep tune's plans/plan_nfe5.json), each one more "
                             "row labelled by its file name's stem (plan_nfe5), run as the plan says (solver, grid or "
@@ -810,6 +837,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=_positive_int, default=512, help="number of samples (512)")
     ev.set_defaults(func=cmd_zoo_evaluate)
     return parser
+
+
+def _scheme_list() -> str:
+    from fewstep.quant import SCHEMES
+
+    return ", ".join(SCHEMES) + " (wNaM and fp:eXmY take any widths)"
 
 
 def _peer_labels() -> list[str]:

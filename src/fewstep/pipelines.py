@@ -1,7 +1,8 @@
 """From a prompt to an image: a local diffusers pipeline folder, sampled by a fewstep solver.
 
 :func:`load_pipeline` loads a pipeline folder offline from safetensors only; :func:`use_fewstep` swaps its scheduler
-for :class:`~fewstep.scheduler.FewstepScheduler`; :func:`generate` runs it with one seeded generator per image, so
+for :class:`~fewstep.scheduler.FewstepScheduler`; :func:`quantize_pipeline` puts a weight-only quantized copy of its
+network in its place; :func:`generate` runs it with one seeded generator per image, so
 image k is the same whatever else is generated with it.
 """
 
@@ -16,7 +17,8 @@ import torch
 
 from fewstep.scheduler import FewstepScheduler
 
-__all__ = ["DTYPES", "denoising_network", "generate", "load_pipeline", "use_fewstep"]
+__all__ = ["DTYPES", "check_pipeline_scheme", "denoising_network", "generate", "load_pipeline", "quantize_pipeline",
+           "use_fewstep"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,13 +69,47 @@ def use_fewstep(pipe: Any, solver: str = "dpmpp_2m", grid: str = "diffusers", **
     return scheduler
 
 
+def _network_name(pipe: Any) -> str:
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+
+
 def denoising_network(pipe: Any) -> torch.nn.Module:
     """The pipeline's denoising network (``unet`` or ``transformer``)."""
-    for name in ("unet", "transformer"):
-        net = getattr(pipe, name, None)
-        if isinstance(net, torch.nn.Module):
-            return net
-    raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+    return getattr(pipe, _network_name(pipe))
+
+
+def check_pipeline_scheme(scheme: str) -> None:
+    """Raise the error :func:`quantize_pipeline` would for ``scheme`` itself (unknown, or calibrating activations),
+    without loading anything."""
+    from fewstep.quant import parse_scheme
+
+    if parse_scheme(scheme).calibrated:
+        raise ValueError(f"a pipeline takes weight-only schemes (int8wo, int8dq, w8, fp:e4m3, ...); {scheme!r} "
+                         f"calibrates activations over fewstep.sample runs, which a pipeline's prompt encoding does "
+                         f"not go through: use fewstep.quantize on a denoiser with calibration=dict(cond=...)")
+
+
+def quantize_pipeline(pipe: Any, scheme: str) -> Any:
+    """Replace the pipeline's denoising network by a copy quantized with a weight-only ``scheme`` (``int8wo``,
+    ``w8``, ``fp:e4m3``, ...; :func:`fewstep.quant.quantize`); returns what was done
+    (:class:`~fewstep.quant.QuantInfo`). The original network is left as it was, and ``pipe`` no longer holds it
+    (both are in memory while the copy is made).
+
+    Schemes that quantize activations with calibrated ranges are refused: their calibration runs
+    :func:`fewstep.sample` on a :class:`~fewstep.models.ModelDenoiser`, which does not see the pipeline's own prompt
+    encoding and guidance; quantize a denoiser with ``fewstep.quantize(den, scheme, calibration=dict(cond=...))``
+    for those."""
+    from fewstep.models import from_diffusers
+    from fewstep.quant import quantize
+
+    check_pipeline_scheme(scheme)
+    name = _network_name(pipe)
+    quantized = quantize(from_diffusers(getattr(pipe, name), pipe.scheduler), scheme)
+    setattr(pipe, name, quantized.model)
+    return quantized.quant
 
 
 def generate(pipe: Any, prompt: str, *, seeds: Sequence[int], steps: int, negative_prompt: str | None = None,

@@ -2,9 +2,10 @@
 into a sampler.
 
 A plan names the model (a zoo name or a local diffusers folder), the solver and its knobs, the time grid (a grid
-name with its knobs and a step count, or explicit times), a cache spec, classifier-free guidance, and the dtype and
-device of the state. ``fewstep sample``, the bench runner and ``FewstepScheduler.from_plan`` all assemble model +
-solver + grid + cache through :meth:`Plan.build`; a tuner writes plans (``fewstep.plan/1`` JSON files).
+name with its knobs and a step count, or explicit times), a quantization scheme, a cache spec, classifier-free
+guidance, and the dtype and device of the state. ``fewstep sample``, the bench runner and
+``FewstepScheduler.from_plan`` all assemble model + solver + grid + quantization + cache through :meth:`Plan.build`;
+a tuner writes plans (``fewstep.plan/1`` JSON files).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class Plan:
             nonzero grid time (LD3; :class:`fewstep.models.retime.Retimed`); ``None``: the grid times themselves.
         cache: a cache spec (``"taylorseer:interval=3"``, ``"auto:target_error=0.02"``, ``""`` for none;
             :func:`fewstep.caching.cache_from_spec`).
+        quant: a quantization scheme for the network (``"int8wo"``, ``"w8"``, ``"w4a8"``, ``""`` or ``"none"``;
+            :data:`fewstep.quant.SCHEMES`), applied by :meth:`build` before guidance and cache; schemes that
+            quantize activations calibrate on this plan's own solver and times (:func:`fewstep.quant.calibrate`'s
+            default seeds). Written to JSON only when set, so plans from before it existed read and hash as they
+            did.
         guidance: a classifier-free guidance scale for models with a default null condition (a class-conditional
             DiT); text models take their negative conditioning at :meth:`build`.
         dtype, device: where and in what precision the run goes: the network runs in ``dtype`` on ``device``
@@ -77,6 +83,7 @@ class Plan:
     model_times: tuple[float, ...] | None = None
     cache: str = ""
     guidance: float | None = None
+    quant: str = ""
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -112,6 +119,14 @@ class Plan:
                 raise ValueError(f"plan steps must be an int >= 1 for grid={self.grid!r}, got {self.steps!r}")
         if not isinstance(self.cache, str):
             raise ValueError(f"plan cache must be a spec string, got {self.cache!r}")
+        if not isinstance(self.quant, str):
+            raise ValueError(f"plan quant must be a scheme string such as 'int8wo' ('' for none), got {self.quant!r}")
+        if self.quant.strip() == "none":
+            object.__setattr__(self, "quant", "")
+        if self.quant:
+            from fewstep.quant.schemes import parse_scheme
+
+            parse_scheme(self.quant)  # unknown schemes and knobs raise here
         if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float)
                                           or not math.isfinite(self.guidance)):
             raise ValueError(f"plan guidance must be a number, got {self.guidance!r}")
@@ -125,6 +140,8 @@ class Plan:
         out = {"format": FORMAT, **asdict(self)}
         for key in ("times", "model_times"):
             out[key] = None if getattr(self, key) is None else list(getattr(self, key))
+        if not self.quant:  # as before quantization existed: old plans keep their bytes and bench keys
+            del out["quant"]
         return out
 
     @classmethod
@@ -167,10 +184,11 @@ class Plan:
 
     def build(self, den: Denoiser | None = None, *, shape: Sequence[int] | None = None, uncond: Cond = None,
               calibration_cond: Cond = None) -> Sampler:
-        """The sampler this plan describes: the model (``den``, else loaded from :attr:`model`), guided and cached
-        as the plan says, the solver, and the grid's times. ``shape``: one sample's shape (default: the model's);
+        """The sampler this plan describes: the model (``den``, else loaded from :attr:`model`), quantized, guided and
+        cached as the plan says, the solver, and the grid's times. ``shape``: one sample's shape (default: the model's);
         ``uncond``: the negative conditioning of guided text models; ``calibration_cond``: the conditioning an
-        ``auto`` cache calibrates with (for seeds 1000-1127)."""
+        ``auto`` cache and an activation quantization scheme calibrate with (for their default seeds). ``den`` is
+        never modified: :func:`fewstep.quant.quantize` works on a copy of its network."""
         from fewstep.caching import cache_from_spec
         from fewstep.models import ClassifierFreeGuidance
 
@@ -193,6 +211,14 @@ class Plan:
         model: Denoiser = den
         if self.guidance is not None:
             model = ClassifierFreeGuidance(den, float(self.guidance), uncond=uncond)
+        if self.quant:  # the network under the guidance; activations see guided runs
+            from fewstep.quant import parse_scheme, quantize
+
+            cal = None
+            if parse_scheme(self.quant).calibrated:  # calibrate's own default seeds, this plan's solver and times
+                cal = {"solver": solver, "steps": times, "shape": shape, "cond": calibration_cond}
+            model = quantize(model, self.quant, calibration=cal)
+        network = model.inner if isinstance(model, ClassifierFreeGuidance) else model
         calibration = None
         if self.cache and self.cache != "none":  # calibrated (auto, magcache) on this plan's own times
             model, calibration = cache_from_spec(model, self.cache, solver=solver, steps=times, shape=shape,
@@ -201,7 +227,7 @@ class Plan:
             from fewstep.models.retime import Retimed
 
             model = Retimed(model, times.tolist(), self.model_times)
-        return Sampler(self, model, solver, times, shape, calibration)
+        return Sampler(self, model, solver, times, shape, calibration, network)
 
 
 def _network(den: Denoiser) -> torch.nn.Module | None:
@@ -267,6 +293,7 @@ class Sampler:
     times: torch.Tensor
     shape: tuple[int, ...]
     calibration: Any = None
+    network: Denoiser | None = None  # the denoiser guidance, cache and retiming wrap (quantized if the plan says)
 
     def sample(self, *, seeds: Any = None, x_init: torch.Tensor | None = None, cond: Cond = None,
                hooks: Sequence[Any] = (), batch_size: int | None = None) -> torch.Tensor:

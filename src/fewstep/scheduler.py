@@ -280,6 +280,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if plan.guidance is not None:
             raise ValueError("a scheduler does not guide; pass the plan's guidance scale to the pipeline "
                              "(guidance_scale=)")
+        if getattr(plan, "quant", ""):
+            raise ValueError(f"a scheduler does not quantize; quantize the pipeline's network with "
+                             f"fewstep.quantize (scheme {plan.quant!r}) and drop the plan's quant")
         if config is None:
             from fewstep.zoo import load
 

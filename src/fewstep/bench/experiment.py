@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from fewstep.grids import GRIDS, suggest
@@ -34,6 +34,10 @@ class Experiment:
     float16/bfloat16 runs keep it in float32 (as :attr:`fewstep.plan.Plan.dtype`); a run elsewhere is another
     experiment, while the defaults (float32 on the CPU) leave the key as it was before these fields existed.
 
+    ``quant``: a quantization scheme for the network (:data:`fewstep.quant.SCHEMES`; ``""`` for none), applied as
+    :meth:`fewstep.plan.Plan.build` does (activation schemes calibrated on this experiment's own solver, steps and
+    grid); part of the key only when set, so unquantized experiments keep the keys they had before it existed.
+
     ``plan`` (with its row label ``name``): a :class:`~fewstep.plan.Plan`'s JSON, run as ``Plan.build`` makes it
     (see :meth:`of_plan`); the other fields then repeat the plan's, and the key covers the whole plan, so an edited
     plan is a new experiment.
@@ -51,6 +55,7 @@ class Experiment:
     name: str = ""  # a plan experiment's row label (its file's stem)
     dtype: str = "float32"  # of the network (fewstep.plan.DTYPES); float16/bfloat16 keep a float32 state
     device: str = "cpu"  # where the network, the noise and the state go (references and errors stay on the CPU)
+    quant: str = ""  # a quantization scheme: "int8wo", "w8", "w4a8" (fewstep.quant.SCHEMES)
 
     def __post_init__(self) -> None:
         from fewstep.bench.peers import PEERS
@@ -63,6 +68,16 @@ class Experiment:
             raise ValueError(f"unknown {self.backend} solver {self.solver!r}{suggest(self.solver, known)}; "
                              f"known: {', '.join(known)}")
         placement(self.dtype, self.device)
+        if not isinstance(self.quant, str):
+            raise ValueError(f"quant must be a scheme string such as 'int8wo' ('' for none), got {self.quant!r}")
+        if self.quant.strip() == "none":
+            object.__setattr__(self, "quant", "")
+        if self.quant:
+            from fewstep.quant.schemes import parse_scheme
+
+            parse_scheme(self.quant)
+            if self.backend != "fewstep":
+                raise ValueError("quantization applies to fewstep runs only")
         if self.plan is not None:
             self._check_plan()
         elif self.name:
@@ -80,7 +95,18 @@ class Experiment:
     def of_plan(cls, plan: Plan, *, name: str, seeds: str = "0-255") -> Experiment:
         """The experiment that runs ``plan`` on its own model from the noise of ``seeds``, labelled ``name``."""
         return cls(plan.model, plan.solver, int(plan.steps or 0), plan.grid, seeds, options=plan.solver_options,
-                   cache=plan.cache, plan=plan.to_dict(), name=name, dtype=plan.dtype, device=plan.device)
+                   cache=plan.cache, plan=plan.to_dict(), name=name, dtype=plan.dtype, device=plan.device,
+                   quant=plan.quant)
+
+    def unquantized(self) -> Experiment:
+        """This experiment on the float network: everything else (noise, solver, steps, grid, cache, dtype, device;
+        a plan's other fields) the same."""
+        if self.plan is None:
+            return replace(self, quant="")
+        from fewstep.plan import Plan
+
+        plan = replace(Plan.from_dict(self.plan), quant="")
+        return Experiment.of_plan(plan, name=self.name, seeds=self.seeds)
 
     def _check_plan(self) -> None:
         from fewstep.plan import Plan
@@ -91,9 +117,10 @@ class Experiment:
             raise ValueError("plans run on the fewstep backend")
         plan = Plan.from_dict(self.plan)
         object.__setattr__(self, "plan", plan.to_dict())  # canonical: the key is the plan's content
-        mine = (self.model, self.solver, self.steps, self.grid, dict(self.options), self.cache, self.dtype, self.device)
+        mine = (self.model, self.solver, self.steps, self.grid, dict(self.options), self.cache, self.dtype, self.device,
+                self.quant)
         if mine != (plan.model, plan.solver, plan.steps, plan.grid, dict(plan.solver_options), plan.cache, plan.dtype,
-                    plan.device):
+                    plan.device, plan.quant):
             raise ValueError(f"plan experiment {self.name!r}: its fields differ from its plan's "
                              "(make it with Experiment.of_plan)")
 
@@ -103,7 +130,8 @@ class Experiment:
             return self.name
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         name = self.solver + (f"({opts})" if opts else "") + (f"+{self.cache}" if self.cache else "")
-        where = ", ".join(v for v, default in ((self.device, "cpu"), (self.dtype, "float32")) if v != default)
+        where = ", ".join(v for v, default in ((self.quant, ""), (self.device, "cpu"), (self.dtype, "float32"))
+                          if v != default)
         name += f" [{where}]" if where else ""
         return f"diffusers:{name}" if self.backend == "diffusers" else name
 
@@ -120,6 +148,8 @@ class Experiment:
             del out["dtype"]
         if self.plan is not None or self.device == "cpu":
             del out["device"]
+        if self.plan is not None or not self.quant:  # unquantized keys as before quantization existed
+            del out["quant"]
         return out
 
     @classmethod
@@ -135,6 +165,7 @@ class Experiment:
             plan = Plan.from_dict(body["plan"])
             body.setdefault("dtype", plan.dtype)
             body.setdefault("device", plan.device)
+            body.setdefault("quant", plan.quant)
         return cls(**body)
 
     def to_json(self) -> str:
@@ -174,6 +205,7 @@ def sweep(
     plans: Mapping[str, Plan] | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    quants: Sequence[str] = ("",),
 ) -> list[Experiment]:
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
     (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
@@ -190,7 +222,9 @@ def sweep(
     (whether or not it is in ``models``), from the same ``seeds``. A label that another row of that model already
     has is refused.
 
-    ``dtype``, ``device``: where the fewstep and diffusers runs go (:class:`Experiment`); plans run as they say."""
+    ``dtype``, ``device``: where the fewstep and diffusers runs go (:class:`Experiment`); plans run as they say.
+    ``quants``: quantization schemes each fewstep run is repeated with (``""`` or ``"none"``: the float network);
+    diffusers rows run the float network."""
     from fewstep.bench.peers import PEERS, applicable, compatible, counterpart
     from fewstep.plan import placement
     from fewstep.spec import parse_spec
@@ -199,8 +233,9 @@ def sweep(
     steps = list(steps)
     specs = [parse_spec(s) for s in solvers]
     caches = ["" if c in ("", "none") else c for c in caches]
-    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c, dtype=dtype, device=device)
-           for m, (name, opts), n, c in itertools.product(models, specs, steps, caches)]
+    quants = list(dict.fromkeys("" if q.strip() in ("", "none") else q.strip() for q in quants))
+    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c, dtype=dtype, device=device, quant=q)
+           for m, (name, opts), n, c, q in itertools.product(models, specs, steps, caches, quants)]
     for p in peers:  # up front: an unknown label must not pass silently as 'not applicable'
         if p not in PEERS:
             raise ValueError(f"unknown diffusers solver {p!r}{suggest(p, PEERS)}; known: {', '.join(PEERS)}")

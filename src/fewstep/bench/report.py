@@ -109,6 +109,34 @@ def _slope(rows: list[dict[str, Any]]) -> str:
     return f"{math.log(e1 / e2) / math.log(n2 / n1):.2f}"
 
 
+def _quant_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The quantized rows of one model beside their float counterparts (the same experiment without ``quant``):
+    stored weights, the error quantization adds, error against the reference, FD and wall time. Nothing when no row
+    is quantized."""
+    quant = [r for r in rows if r.get("quant_error") is not None]
+    if not quant:
+        return []
+    by_key = {r["key"]: r for r in rows}
+    shown: list[dict[str, Any]] = []
+    for r in sorted(quant, key=lambda r: (r["nfe"], r["label"])):
+        plain = by_key.get(r["experiment"].unquantized().key)
+        if plain is not None and plain not in shown:
+            shown.append(plain)
+        shown.append(r)
+
+    def kb(r: dict[str, Any]) -> str:
+        return "-" if r.get("weights_bytes") is None else f"{r['weights_bytes'] / 1024:,.1f}"
+
+    lines = ["Quantization: weights as stored (KiB); quant error: mean per-sample RMSE against the same run on the "
+             "float network from the same noise (what quantization adds); error: against the reference, as above.",
+             "", "| row | NFE | weights KiB | quant error | error | FD | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in shown:
+        q = "-" if r.get("quant_error") is None else f"{r['quant_error']:.3g}"
+        lines.append(f"| {r['label']} | {r['nfe']} | {kb(r)} | {q} | {r['error']:.3g} | {r['fd']:.3g} | "
+                     f"{r['wall_seconds']:.3g} |")
+    return [*lines, ""]
+
+
 def write_report(store: ResultStore, out_dir: str | Path) -> Path:
     """Write ``report.md``, ``error_vs_nfe.png``, ``fd_vs_nfe.png``, ``pareto.png`` and one ``grid_<model>.png``
     per model into ``out_dir``; returns the Markdown path."""
@@ -159,6 +187,7 @@ def write_report(store: ResultStore, out_dir: str | Path) -> Path:
         image_grid({(r["label"], r["nfe"]): store.samples(r["key"]) for r in mrows}, out / f"grid_{safe}.png",
                    title=f"{model}: first 8 seeds, rows = solvers, columns = NFE")
         frontier = ", ".join(f"{mrows[i]['label']} @ NFE {mrows[i]['nfe']}" for i in pareto_front(pts))
+        lines += _quant_table(mrows)
         lines += [f"Pareto front (FD vs model time): {frontier}.", "",
                   f"![error vs NFE](error_vs_nfe_{safe}.png) ![FD vs NFE](fd_vs_nfe_{safe}.png)", "",
                   f"![Pareto](pareto_{safe}.png)", "", f"![samples](grid_{safe}.png)", ""]

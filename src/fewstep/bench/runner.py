@@ -23,6 +23,7 @@ from fewstep.hooks import NFECounter
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.plan import Plan, place, placement, state_dtype
+from fewstep.quant import weights_bytes
 from fewstep.sample import sample
 
 __all__ = ["Context", "run_experiment", "run_sweep"]
@@ -61,13 +62,14 @@ def _finish(x: torch.Tensor) -> None:
 
 class Context:
     """Per-sweep caches: loaded models (one copy per device and dtype), starting noise, references (also stored in
-    the DB) and the FD metric."""
+    the DB), the float network's samples that quantized experiments are compared with, and the FD metric."""
 
     def __init__(self, store: ResultStore) -> None:
         self.store = store
         self._models: dict[tuple[str, str, str], Any] = {}
         self._fd: DigitsFD | None = None
         self._floors: dict[int, float] = {}
+        self._unquantized: dict[str, torch.Tensor] = {}
 
     def model(self, name: str, *, device: str = "cpu", dtype: str = "float32") -> Any:
         """Model ``name``'s denoiser, its network on ``device`` in ``dtype``."""
@@ -113,6 +115,18 @@ class Context:
                 self.store.release(token)  # type: ignore[arg-type]
             return ref
 
+    def unquantized(self, exp: Experiment) -> torch.Tensor:
+        """The samples (on the CPU) of ``exp`` on the float network, from the same noise with the same solver,
+        steps, grid, cache, dtype and device: that experiment's stored result, else sampled here once per sweep
+        (not stored: it is not an experiment this sweep was asked for)."""
+        plain = exp.unquantized()
+        if plain.key not in self._unquantized:
+            try:
+                self._unquantized[plain.key] = self.store.samples(plain.key)
+            except KeyError:
+                self._unquantized[plain.key] = _run(plain, self).out.float()
+        return self._unquantized[plain.key]
+
     @property
     def fd(self) -> DigitsFD:
         if self._fd is None:
@@ -142,26 +156,36 @@ def diffusers_cache(den: Denoiser, spec: str) -> Any:
     return DiffusersCache(den, name, **knobs)
 
 
-def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch.Tensor]:
-    """Run one experiment; returns its record (NFE, error, FD, floor, SWD, times, memory) and its samples (on the
-    CPU). The network, the noise and the state are on ``exp.device`` (the network in ``exp.dtype``); errors and
-    metrics are computed on the CPU against the CPU reference."""
+@dataclasses.dataclass
+class _Samples:
+    """What one sampling run of an experiment gives, before it is measured."""
+
+    out: torch.Tensor  # on the CPU
+    nfe: int
+    model_seconds: float
+    wall_seconds: float
+    extra: dict[str, Any]
+    network: Denoiser  # the denoiser whose network ran (quantized if the experiment says), for its weights' bytes
+
+
+def _run(exp: Experiment, ctx: Context) -> _Samples:
+    """Sample ``exp``: the network, the noise and the state on ``exp.device`` (the network in ``exp.dtype``,
+    quantized as ``exp.quant`` says; quantizing and calibrating are not part of the time)."""
     den = ctx.model(exp.model, device=exp.device, dtype=exp.dtype)
     x_init = ctx.x_init(exp)
-    cuda = torch.device(exp.device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(exp.device)
     timed = _Timed(den)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
+    network: Denoiser = den
     if exp.plan is not None:  # exactly ``plan.build(den).sample(seeds=...)``: its grid's own start, dtype and device
         counter, stats = NFECounter(), CacheStats()
         plan = Plan.from_dict(exp.plan)
         sampler = plan.build(den)  # placed as the plan says (exp's dtype and device); ``auto`` calibrates here
+        network = sampler.network or den
         if sampler.calibration is not None:
             extra = {"cache_choice": sampler.calibration.spec, "cache_calibration_error": sampler.calibration.error}
         timed = _Timed(sampler.denoiser)
-        t0 = time.perf_counter()  # calibration is not part of the run's time
+        t0 = time.perf_counter()  # quantization and calibration are not part of the run's time
         out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
@@ -172,17 +196,19 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
         peer: Any = contextlib.nullcontext()
         diffusers_hook = exp.cache.startswith("diffusers:")
         plan = Plan(model=exp.model, solver=exp.solver, solver_options=exp.options, grid=exp.grid, steps=exp.steps,
-                    cache="" if diffusers_hook else exp.cache, dtype=exp.dtype, device=exp.device)
-        sampler = plan.build(den, shape=tuple(x_init.shape[1:]))  # ``auto`` calibrates on seeds 1000-1127
-        if diffusers_hook:  # diffusers' own cache hook on the same network, noise and solver
-            peer = diffusers_cache(den, exp.cache)
+                    cache="" if diffusers_hook else exp.cache, dtype=exp.dtype, device=exp.device, quant=exp.quant)
+        # ``auto`` calibrates on seeds 1000-1127, an activation quantization on calibrate's default seeds
+        sampler = plan.build(den, shape=tuple(x_init.shape[1:]))
+        network = sampler.network or den
+        if diffusers_hook:  # diffusers' own cache hook on the same (quantized) network, noise and solver
+            peer = diffusers_cache(sampler.denoiser, exp.cache)
             timed = _Timed(peer)
-        elif exp.cache:
+        else:
             cal = sampler.calibration
             if cal is not None:
                 extra = {"cache_choice": cal.spec, "cache_calibration_error": cal.error}
             timed = _Timed(sampler.denoiser)
-            t0 = time.perf_counter()  # calibration is not part of the run's time
+        t0 = time.perf_counter()  # quantization and calibration are not part of the run's time
         with peer:
             out = sample(timed, sampler.solver, sampler.times, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
@@ -202,22 +228,41 @@ def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch
         config = json.loads(json.dumps(dict(den.scheduler_config)))
         out, nfe = run_diffusers(exp.solver, timed_net, config, x_init, exp.steps, options=exp.options)
     out = out.cpu()  # waits for the device: the wall time is the run's
-    wall = time.perf_counter() - t0
+    return _Samples(out, nfe, timed.seconds, time.perf_counter() - t0, extra, network)
+
+
+def run_experiment(exp: Experiment, ctx: Context) -> tuple[dict[str, Any], torch.Tensor]:
+    """Run one experiment; returns its record (NFE, error, FD, floor, SWD, times, memory, the network's
+    ``weights_bytes``) and its samples (on the CPU). The network, the noise and the state are on ``exp.device``
+    (the network in ``exp.dtype``); errors and metrics are computed on the CPU against the CPU reference.
+
+    A quantized experiment's record also has ``quant_error``: the mean per-sample RMSE against the samples of the
+    same experiment on the float network (same noise, solver, steps, grid, cache, dtype and device; its stored
+    result if there is one, else run here, not stored): the error quantization adds, beside ``error``, which is
+    against the PF-ODE reference."""
+    cuda = torch.device(exp.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(exp.device)
+    run = _run(exp, ctx)
+    out = run.out
     ref = ctx.reference(exp)
     real = ctx.fd.half_b
     record = {
-        "nfe": nfe,
+        "nfe": run.nfe,
         "error": float(rmse_per_sample(out, ref).mean()),
         "fd": ctx.fd(out),
         "fd_floor": ctx.floor(out.shape[0]),
         "swd": sliced_wasserstein(out.clamp(-1, 1), real),
-        "model_seconds": timed.seconds,
-        "wall_seconds": wall,
+        "model_seconds": run.model_seconds,
+        "wall_seconds": run.wall_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        **extra,
+        "weights_bytes": weights_bytes(run.network),
+        **run.extra,
     }
     if cuda:
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(exp.device) / 2**20
+    if exp.quant:
+        record["quant_error"] = float(rmse_per_sample(out, ctx.unquantized(exp)).mean())
     return record, out
 
 

@@ -4,7 +4,8 @@ Fake-quant schemes store each layer's weights rounded to the format in the netwo
 channel; per output channel and input part for a layer fed a concatenation, found while calibrating,
 :mod:`fewstep.quant.calibration`), and quantize each layer's input per tensor (per part) with the calibrated range
 in a forward pre-hook: they measure the quality of a format at any width, not its speed. torchao's schemes store
-real int8/float8 tensors and run torchao's kernels (:mod:`fewstep.quant.kernels`).
+real int8/float8 tensors and run torchao's kernels (:mod:`fewstep.quant.kernels`); ``int8wo`` stores convolutions,
+which torchao cannot, as int8 too (:mod:`fewstep.quant.conv`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Denoiser
 from fewstep.models.guidance import ClassifierFreeGuidance
 from fewstep.quant.calibration import ActivationRanges, calibrate, channel_dim, network_of, target_layers
+from fewstep.quant.conv import Int8Conv2d
 from fewstep.quant.formats import Format, FPFormat, IntFormat, quantize_fp, quantize_int
 from fewstep.quant.kernels import apply_kernel
 from fewstep.quant.records import LayerQuant, QuantInfo
@@ -226,7 +228,8 @@ def _stored_bytes(t: torch.Tensor) -> int:
 def weights_bytes(den: Denoiser | nn.Module) -> int:
     """Bytes of the network's stored weights (every parameter, once) as its format stores them: a fake-quant weight
     at its bits per value (int8 and fp8: 1 byte, int4 and fp4: 1/2) plus its float32 scales, a torchao weight by
-    its int8/float8 data and scales, everything else (biases, norms, float layers) at its dtype's size."""
+    its int8/float8 data and scales, an :class:`~fewstep.quant.conv.Int8Conv2d` by its int8 codes (1 byte a weight)
+    and float32 scales, everything else (biases, norms, float layers) at its dtype's size."""
     if isinstance(den, nn.Module):
         net, info = den, None
     else:
@@ -245,4 +248,7 @@ def weights_bytes(den: Denoiser | nn.Module) -> int:
             total += _stored_bytes(p)
         else:
             total += math.ceil(p.numel() * rec.bits / 8) + SCALE_BYTES * rec.scales
+    for m in net.modules():  # int8 convolutions keep their weights in buffers: int8 codes and float32 scales
+        if isinstance(m, Int8Conv2d):
+            total += _stored_bytes(m.qweight) + _stored_bytes(m.scale)
     return total

@@ -1,5 +1,7 @@
 """torchao's real kernels (int8 weight-only, int8 dynamic activation x int8 weight, float8 weight-only), applied to
 the layers whose kernel runs on this device, and the import noise of torchao 0.18 kept off the user's terminal.
+torchao 0.18 has no int8 convolution: ``int8wo`` stores convolutions as :class:`~fewstep.quant.conv.Int8Conv2d`
+(int8 weights dequantized in each forward: a memory saving, not a speed-up).
 
 torchao is imported only here, and only when a real-kernel scheme is applied (diffusers 0.42 also imports it when
 it loads a model, if it is installed).
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from fewstep.quant.calibration import target_layers
+from fewstep.quant.conv import Int8Conv2d
 from fewstep.quant.records import LayerQuant
 from fewstep.quant.schemes import KERNELS, Scheme
 
@@ -41,6 +44,9 @@ _NOISE = {
     # diffusers 0.42 looking for a torchao tensor class that torchao 0.18 moved (only torchao-serialized
     # checkpoints would need it; fewstep loads safetensors)
     "diffusers.quantizers.torchao.torchao_quantizer": (("Unable to import `torchao` Tensor objects",),),
+    # transformers 5 announcing, when diffusers probes its image processors (which torchao's presence makes it
+    # do), that without torchvision they fall back to their PIL versions: fewstep uses no image processor
+    "transformers.utils.import_utils": (("requires torchvision (not installed); falling back to",),),
 }
 
 
@@ -95,14 +101,21 @@ def _probe(layer: nn.Module, config: Any, quantize_: Any) -> str | None:
 def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant], dict[str, str]]:
     """torchao's ``quantize_`` on every layer of ``net`` (in place: pass a copy) whose kernel runs here, probed once
     per layer shape on a copy of the layer; layers it cannot run stay float, listed with the reason in the second
-    dict (torchao 0.18 has no int8 or float8 convolution: every ``nn.Conv2d``). ``ValueError`` naming the device and
-    the fake-quant alternative when no layer can: the device lacks the kernel."""
+    dict (torchao 0.18 has no int8 or float8 convolution). ``int8wo`` replaces every ``nn.Conv2d`` by fewstep's
+    :class:`~fewstep.quant.conv.Int8Conv2d` instead (int8 storage, float compute: memory, not speed). ``ValueError``
+    naming the device and the fake-quant alternative when torchao's kernel runs on none of its layers: the device
+    lacks the kernel."""
     config, quantize_ = _torchao(scheme)
     probes: dict[tuple[Any, ...], str | None] = {}
     ok: list[tuple[str, nn.Module]] = []
+    convs: list[str] = []
     skipped: dict[str, str] = {}
     reasons: list[tuple[bool, str]] = []
-    for name, layer in target_layers(net):
+    targets = target_layers(net)
+    for name, layer in targets:
+        if scheme.kernel == "int8wo" and type(layer) is nn.Conv2d and name:  # a submodule: replaced below
+            convs.append(name)
+            continue
         key = _signature(layer)
         if key not in probes:
             probes[key] = _probe(layer, config, quantize_)
@@ -112,15 +125,21 @@ def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant],
             ok.append((name, layer))
         else:
             skipped[name] = f"no torchao {scheme.kernel} kernel for this layer ({probes[key]})"
-    if not ok:
+    if not ok and (reasons or not convs):  # torchao's kernel runs on none of the layers it is for
         param = next(net.parameters())
         why = min(reasons)[1] if reasons else "no nn.Linear or nn.Conv2d layers"  # a Linear layer's reason first
         raise ValueError(f"scheme {scheme.kernel!r} has no torchao kernel on this device ({param.device.type}, "
                          f"{str(param.dtype).removeprefix('torch.')} layers: {why}); the fake-quant scheme "
                          f"{KERNELS[scheme.kernel][1]!r} simulates it")
     chosen = {id(layer) for _, layer in ok}
-    quantize_(net, config, filter_fn=lambda m, fqn: id(m) in chosen)
+    if chosen:
+        quantize_(net, config, filter_fn=lambda m, fqn: id(m) in chosen)
     act = "int8 dynamic" if scheme.kernel == "int8dq" else None
     layers = {name: LayerQuant(type(layer.weight).__name__, 8, layer.weight.shape[0], act, None, type(config).__name__)
               for name, layer in ok}
-    return layers, skipped
+    for name in convs:
+        parent, _, child = name.rpartition(".")
+        conv = Int8Conv2d(net.get_submodule(name))
+        setattr(net.get_submodule(parent) if parent else net, child, conv)
+        layers[name] = LayerQuant("int8", 8, conv.out_channels, None, None, type(conv).__name__)
+    return {name: layers[name] for name, _ in targets if name in layers}, skipped

@@ -19,7 +19,8 @@ class LayerQuant:
         scales: number of weight scales stored (output channels x parts).
         act: the activation format, or ``None`` (float inputs; ``"int8 dynamic"`` for torchao's int8dq).
         split: channel sizes of the input parts quantized apart, or ``None``.
-        kernel: the torchao config that quantized the layer, or ``None`` for fake quantization.
+        kernel: the torchao config that quantized the layer (``"Int8Conv2d"``: fewstep's int8 weight-only
+            convolution, :mod:`fewstep.quant.conv`), or ``None`` for fake quantization.
     """
 
     weight: str

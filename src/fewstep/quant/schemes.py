@@ -4,7 +4,8 @@ Grammar (:func:`parse_scheme`)::
 
     scheme := name [":" key "=" value]...          knobs as in fewstep.spec (cache and solver specs)
             | "fp:" format [":" key "=" value]...  the fp family names its format first
-    name   := int8wo | int8dq | fp8wo              torchao's real kernels (nn.Linear layers)
+    name   := int8wo | int8dq | fp8wo              torchao's real kernels (nn.Linear layers; int8wo stores
+                                                   nn.Conv2d as int8 too, fewstep.quant.conv)
             | "w" N | "w" N "a" M                  fake-quant integers: N-bit weights per output channel (2..16),
                                                    M-bit activations per tensor, calibrated (2..16)
     format := "e" X "m" Y                          fake-quant E<X>M<Y> weights per output channel (e4m3, e5m2, e2m1)
@@ -42,7 +43,8 @@ KERNELS: dict[str, tuple[str, str]] = {
 """torchao's real-kernel schemes: the torchao config each applies, and the fake-quant scheme that simulates it."""
 
 SCHEMES: dict[str, str] = {
-    "int8wo": "torchao int8 weight-only, per output channel (real kernel; nn.Linear layers)",
+    "int8wo": "int8 weight-only, per output channel: torchao's kernel on nn.Linear, int8-stored nn.Conv2d "
+              "dequantized per call (saves memory, not time)",
     "int8dq": "torchao int8 dynamic per-token activations x int8 weights (real kernel; nn.Linear layers)",
     "fp8wo": "torchao float8 E4M3 weight-only, per output channel (real kernel where the device has it)",
     "w8": "fake-quant int8 weights, symmetric per output channel",
