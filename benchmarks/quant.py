@@ -1,0 +1,94 @@
+"""Quantization measured with the solvers: scheme x solver x NFE on the zoo models, through ``fewstep bench``.
+
+For every scheme (``none`` = the float32 network) and solver at each NFE, on the held-out seeds 0-255: the FD of
+the samples, the quantization error (mean per-sample RMSE against the float network's own samples from the same
+noise, same solver and steps), the weights' size, and the wall time of the run (this CPU, one thread). Activation
+schemes are calibrated on the run's own solver and grid (seeds 1000-1127): ``calibration=trajectory`` gathers
+ranges over every step (Q-Diffusion), ``calibration=single`` at one time (the middle step).
+
+    python benchmarks/quant.py [--models unet_m,dit_s] [--db quant.sqlite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+
+import torch
+
+from fewstep.bench import ResultStore
+from fewstep.cli import main as fewstep
+
+SCHEMES = "none,int8wo,w8,fp:e4m3,w4,w4a8:calibration=trajectory,w4a8:calibration=single"
+SOLVERS = "ddim,dpmpp_2m,unipc,f_ddim"
+STEPS = "5,10,20,50"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="unet_m,dit_s")
+    parser.add_argument("--schemes", default=SCHEMES)
+    parser.add_argument("--solvers", default=SOLVERS)
+    parser.add_argument("--steps", default=STEPS)
+    parser.add_argument("--seeds", default="0-255")
+    parser.add_argument("--db", default="quant.sqlite")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for model in args.models.split(","):
+        argv = ["bench", "--models", model, "--solvers", args.solvers, "--steps", args.steps, "--quant",
+                args.schemes, "--seeds", args.seeds, "--db", args.db]
+        if fewstep(argv) != 0:
+            raise SystemExit(f"fewstep {' '.join(argv)} failed")
+    with ResultStore(args.db, readonly=True) as store:
+        rows = store.rows()
+    for model in args.models.split(","):
+        mine = [r for r in rows if r["experiment"].model == model and r["experiment"].backend == "fewstep"]
+        cells: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+        for r in mine:
+            e = r["experiment"]
+            cells[(e.quant or "none", e.solver)][e.steps] = r
+        print(f"\n## {model}: FD (quantization error) by scheme, solver and NFE\n")
+        steps = [int(s) for s in args.steps.split(",")]
+        print("| scheme | weights KiB | solver | " + " | ".join(f"NFE {n}" for n in steps) + " |")
+        print("|---|---|---|" + "---|" * len(steps))
+        for (scheme, solver), by in sorted(cells.items(), key=lambda kv: (args.schemes.split(",").index(kv[0][0])
+                                                                         if kv[0][0] in args.schemes.split(",")
+                                                                         else 99, kv[0][1])):
+            kib = next(iter(by.values())).get("weights_bytes")
+            size = "-" if kib is None else f"{kib / 1024:,.0f}"
+            vals = []
+            for n in steps:
+                r = by.get(n)
+                if r is None:
+                    vals.append("-")
+                    continue
+                q = r.get("quant_error")
+                vals.append(f"{r['fd']:.2f}" + ("" if q is None else f" ({q:.3f})"))
+            print(f"| {scheme} | {size} | {solver} | " + " | ".join(vals) + " |")
+        print(f"\n### {model}: wall seconds per run, median over solvers\n")
+        print("| scheme | " + " | ".join(f"NFE {n}" for n in steps) + " |")
+        print("|---|" + "---|" * len(steps))
+        for scheme in args.schemes.split(","):
+            line = []
+            for n in steps:
+                secs = [by[n]["wall_seconds"] for (s, _), by in cells.items() if s == scheme and n in by]
+                line.append(f"{statistics.median(secs):.2f}" if secs else "-")
+            print(f"| {scheme} | " + " | ".join(line) + " |")
+        print(f"\n### {model}: FD increase over float at NFE 20, trajectory vs single-time calibration (w4a8)\n")
+        print("| solver | float FD | w4a8 trajectory | w4a8 single | increase ratio trajectory / single |")
+        print("|---|---|---|---|---|")
+        for solver in args.solvers.split(","):
+            try:
+                base = cells[("none", solver)][20]["fd"]
+                traj = cells[("w4a8:calibration=trajectory", solver)][20]["fd"]
+                single = cells[("w4a8:calibration=single", solver)][20]["fd"]
+            except KeyError:
+                continue
+            ratio = (traj - base) / (single - base) if single != base else float("nan")
+            print(f"| {solver} | {base:.2f} | {traj:.2f} (+{traj - base:.2f}) | {single:.2f} (+{single - base:.2f}) "
+                  f"| {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
