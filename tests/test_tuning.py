@@ -219,3 +219,25 @@ def test_tune_by_gradient_with_decoupled_times_and_diffusers_rows():
     assert peers["DDIM"]["holdout"] == pytest.approx(trailing["holdout"], abs=1e-5)
     assert got.plan.build(den).solver.nfe(got.plan.steps, to_zero=True) == 4
     assert set(got.samples) >= {"chosen", "best fixed", "best diffusers"}
+
+
+def test_a_conditional_guided_tune_resumes(tmp_path):
+    """dit_s tuned on labels 0-1 with guidance, held out on 2-3; the rerun reads every row (diffusers' too) from
+    the store and remakes the report's samples with the held-out labels of the first seeds."""
+    import torch
+
+    from fewstep import zoo
+    from fewstep.tune_store import TuneStore
+    from fewstep.tuning import tune
+
+    den = zoo.load("dit_s")
+    held_out = {"class_labels": torch.arange(10) % 2 + 2}
+    kw = {"solvers": ("ddim",), "shape": den.sample_shape, "seeds": range(1000, 1004), "holdout": range(10),
+          "cond": {"class_labels": torch.tensor([0, 1, 0, 1])}, "holdout_cond": held_out, "guidance": 2.0,
+          "candidates": 6, "iterations": 2}
+    first = tune(den, "dit_s", 3, store=TuneStore(tmp_path / "t.sqlite"), **kw)
+    again = tune(den, "dit_s", 3, store=TuneStore(tmp_path / "t.sqlite"), **kw)
+    assert again.rows == first.rows and again.plan == first.plan and first.plan.guidance == 2.0
+    assert any(r["kind"] == "diffusers" for r in first.rows)
+    for label in first.samples:
+        torch.testing.assert_close(again.samples[label], first.samples[label])

@@ -547,7 +547,8 @@ def _diffusers_rows(den: Denoiser, nfe: int, x_hold: torch.Tensor, hold_ref: tor
             if store is not None:
                 store.put_row(key, row)
         else:
-            out, _ = run_diffusers(label, net, config, x_hold[:8], nfe if label != "Heun" else (nfe + 1) // 2)
+            head = _peer_net(den, _head(cond, 8), guidance)  # the report's samples: the first 8 held-out seeds
+            out, _ = run_diffusers(label, head, config, x_hold[:8], nfe if label != "Heun" else (nfe + 1) // 2)
             samples[f"{row['solver']} {row['grid']}"] = out.cpu()
         rows.append(row)
     return rows
