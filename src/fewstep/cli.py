@@ -296,14 +296,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _write_samples(out: Path, x: torch.Tensor, seeds: Sequence[int], nfe: int) -> None:
     """``x`` as an .npz (samples, seeds, nfe) or a PNG grid, atomically."""
-    import numpy as np
-
     from fewstep.bench.report import mosaic
     from fewstep.outputs import atomic_write
 
     if out.suffix == ".npz":
-        arrays = {"samples": x.cpu().numpy(), "seeds": np.array(seeds), "nfe": nfe}
-        atomic_write(out, lambda f: np.savez(f, **arrays))
+        from fewstep.shards import save_samples
+
+        save_samples(out, x.cpu().numpy(), seeds, nfe)
     else:
         from PIL import Image
 
@@ -518,7 +517,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fewstep.outputs import check_output_dir
     from fewstep.plan import DTYPES, place
     from fewstep.tune_store import TuneStore
-    from fewstep.tuning import tune
+    from fewstep.tuning import best_row, tune
     from fewstep.zoo import load
 
     out = Path(check_output_dir(args.out))  # before any work
@@ -561,9 +560,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             name = r["solver"] if r["kind"] == "diffusers" else f"{r['solver']} {r['grid']}"
             return f"{r['holdout']:.4f} ({name})"
 
-        fixed = min((r for r in got.rows if r["kind"] == "fewstep" and r["grid"] not in ("tuned", "tuned_decoupled")),
-                    key=lambda r: r["holdout"])
-        peer = min((r for r in got.rows if r["kind"] == "diffusers"), key=lambda r: r["holdout"], default=None)
+        fixed, peer = best_row(got.rows, "fewstep", fixed=True), best_row(got.rows, "diffusers")
         print(f"| {nfe} | {row['solver']} {row['grid']} -> {path} | {row['holdout']:.4f} | {cell(fixed)} | "
               f"{cell(peer)} | {got.teacher_seconds:.0f} | {got.search_seconds:.0f} |", flush=True)
     store.close()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "ShardFolder", "StreamingMoments", "read_shards"]
+__all__ = ["FORMAT", "ShardFolder", "StreamingMoments", "read_shards", "save_samples"]
 
 FORMAT = "fewstep.shards/1"
 MANIFEST = "manifest.json"
@@ -107,13 +107,19 @@ class ShardFolder:
         return [i for i in range(rank, self.count, world) if not self.done(i)]
 
     def write(self, index: int, samples: np.ndarray, nfe: int) -> Path:
-        from fewstep.outputs import atomic_write
-
         seeds = self.shard_seeds(index)
         if samples.shape[0] != len(seeds):
             raise ValueError(f"shard {index} has {len(seeds)} seeds, got {samples.shape[0]} samples")
-        arrays = {"samples": samples, "seeds": np.array(seeds), "nfe": np.array(nfe)}
-        return atomic_write(self.path(index), lambda f: np.savez(f, **arrays))
+        return save_samples(self.path(index), samples, seeds, nfe)
+
+
+def save_samples(path: str | os.PathLike, samples: np.ndarray, seeds: Sequence[int], nfe: int) -> Path:
+    """``samples``, their ``seeds`` and the ``nfe`` per sample as one ``.npz``, written atomically: a shard, or the
+    single file of ``fewstep sample --out x.npz``."""
+    from fewstep.outputs import atomic_write
+
+    arrays = {"samples": samples, "seeds": np.array(seeds), "nfe": np.array(nfe)}
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_shards(folder: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -179,15 +185,6 @@ def folder_moments(folder: str | os.PathLike, features: Any) -> tuple[StreamingM
     for _, samples in read_shards(folder):
         moments.add(features(torch.from_numpy(samples)))
     return moments, moments.n
-
-
-def seeds_of(shards: Sequence[Path]) -> list[int]:
-    """Seeds of shard files, in order (for checks)."""
-    out: list[int] = []
-    for path in shards:
-        with np.load(path) as data:
-            out.extend(data["seeds"].tolist())
-    return out
 
 
 def run_shards(sampler: Any, shards: ShardFolder, *, cond: Any = None, rank: int = 0, world: int = 1,

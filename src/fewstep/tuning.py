@@ -27,8 +27,8 @@ from fewstep.models.base import Cond, Denoiser
 from fewstep.sample import sample
 from fewstep.solvers import Solver, make_solver
 
-__all__ = ["FIXED_GRIDS", "StepSearch", "Tuned", "choose", "dp_path", "edge_costs", "refine_steps", "search_steps",
-           "teacher_states", "tune"]
+__all__ = ["FIXED_GRIDS", "StepSearch", "Tuned", "best_row", "choose", "dp_path", "edge_costs", "refine_steps",
+           "search_steps", "teacher_states", "tune"]
 
 
 def dp_path(cost: torch.Tensor, steps: int) -> tuple[list[int], float]:
@@ -188,6 +188,7 @@ def refine_by_gradient(den: Denoiser, solver: str, times: Sequence[float], *, x_
     ``decouple``, each network time is also free: ``s_i = t_i exp(d_i)`` (capped at ``t_max``), from ``d = 0``.
     Returns the best iterate seen (never worse than the start); ``deadline`` (a ``time.perf_counter()`` value)
     ends the iterations early."""
+    from fewstep.bench.metrics import rmse_per_sample
     from fewstep.differentiable import run
 
     ts = [float(t) for t in times]
@@ -225,7 +226,7 @@ def refine_by_gradient(den: Denoiser, solver: str, times: Sequence[float], *, x_
     for k in range(iterations + 1):
         t, s = grid()
         out = run(den, solver, t, x_init=x_init, cond=cond, model_times=s if decouple else None)
-        loss = (out - target).double().flatten(1).pow(2).mean(1).sqrt().mean()
+        loss = rmse_per_sample(out, target).mean()
         value = loss.item()
         if best is None or value < best.error:
             best = Refined(t.detach().tolist(), s.detach().tolist() if decouple else None, value, k)
@@ -347,7 +348,7 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
     from fewstep.models import ClassifierFreeGuidance
     from fewstep.models.retime import Retimed
     from fewstep.noise import SampleNoise
-    from fewstep.plan import Plan, _check_placed, placement, state_dtype
+    from fewstep.plan import Plan, _check_placed, cut_cond, placement, state_dtype
     from fewstep.tune_store import fingerprint
 
     net_dtype, where = placement(dtype, device)
@@ -412,8 +413,9 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
         row = None if store is None else store.row(key)
         if row is not None and row.get("kind") == "fewstep":  # the samples of the report, from the same noise
             solver = make_solver(row["solver"])
+            head = cut_cond(holdout_cond, len(holdout), 0, 8)
             samples[f"{row['solver']} {row['grid']}"] = run_plan(solver, row["times"], row.get("model_times"),
-                                                                 x_hold[:8], holdout[:8], _head(holdout_cond, 8)).cpu()
+                                                                 x_hold[:8], holdout[:8], head).cpu()
         return row
 
     rows: list[dict[str, Any]] = []
@@ -491,22 +493,17 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = ("ddim
                     guidance=guidance, dtype=dtype, device=device)
     search_seconds = time.perf_counter() - started - teacher_seconds
     got = Tuned(nfe, plan, rows, teacher_seconds, search_seconds)
-    keep = {"chosen": got.chosen, "best fixed": _best(rows, "fewstep", fixed=True),
-            "best diffusers": _best(rows, "diffusers")}
+    keep = {"chosen": got.chosen, "best fixed": best_row(rows, "fewstep", fixed=True),
+            "best diffusers": best_row(rows, "diffusers")}
     got.samples = {label: samples[f"{r['solver']} {r['grid']}"] for label, r in keep.items()
                    if r is not None and f"{r['solver']} {r['grid']}" in samples}
     got.samples["teacher"] = hold_ref[:8].detach().cpu()
     return got
 
 
-def _head(cond: Cond, n: int) -> Cond:
-    """The conditioning of the first ``n`` samples (per-sample tensors cut, others kept)."""
-    if cond is None:
-        return None
-    return {k: v[:n] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] > n else v for k, v in cond.items()}
-
-
-def _best(rows: Sequence[dict[str, Any]], kind: str, *, fixed: bool = False) -> dict[str, Any] | None:
+def best_row(rows: Sequence[dict[str, Any]], kind: str, *, fixed: bool = False) -> dict[str, Any] | None:
+    """The row of ``kind`` (``fewstep`` or ``diffusers``) with the least held-out error; with ``fixed``, among
+    fixed grids only."""
     pool = [r for r in rows if r["kind"] == kind and not (fixed and r["grid"] in TUNED)]
     return min(pool, key=lambda r: r["holdout"]) if pool else None
 
@@ -519,6 +516,7 @@ def _diffusers_rows(den: Denoiser, nfe: int, x_hold: torch.Tensor, hold_ref: tor
     import json
 
     from fewstep.bench.peers import applicable, run_diffusers
+    from fewstep.plan import cut_cond
 
     config = json.loads(json.dumps(dict(den.scheduler_config)))  # type: ignore[attr-defined]
     net = _peer_net(den, cond, guidance)
@@ -547,7 +545,8 @@ def _diffusers_rows(den: Denoiser, nfe: int, x_hold: torch.Tensor, hold_ref: tor
             if store is not None:
                 store.put_row(key, row)
         else:
-            head = _peer_net(den, _head(cond, 8), guidance)  # the report's samples: the first 8 held-out seeds
+            # the report's samples: the first 8 held-out seeds, with their conditioning
+            head = _peer_net(den, cut_cond(cond, x_hold.shape[0], 0, 8), guidance)
             out, _ = run_diffusers(label, head, config, x_hold[:8], nfe if label != "Heun" else (nfe + 1) // 2)
             samples[f"{row['solver']} {row['grid']}"] = out.cpu()
         rows.append(row)

@@ -20,11 +20,13 @@ import torch
 from fewstep.bench.report import mosaic
 from fewstep.outputs import atomic_write
 from fewstep.schedules import NoiseSchedule
+from fewstep.tuning import TUNED
 
 __all__ = ["TUNED_GRIDS", "write_tune_report"]
 
-TUNED_GRIDS = ("tuned", "tuned_decoupled")
-"""Grid labels of searched times; every other grid label of a ``fewstep`` row names a fixed grid."""
+TUNED_GRIDS = TUNED
+"""Grid labels of searched times (:data:`fewstep.tuning.TUNED`); every other grid label of a ``fewstep`` row names a
+fixed grid."""
 
 _RESULT_KEYS = ("nfe", "chosen", "rows", "teacher_seconds", "search_seconds")
 _CHOSEN_KEYS = ("solver", "grid", "times")
