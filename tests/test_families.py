@@ -279,6 +279,44 @@ def test_folder_round_trip_with_variant_and_dtype(models, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_ends_read_the_noisy_input_and_write_the_prediction(models, case):
+    """A family's ``ends`` (kept in float by quantization) are layers of the class: the first is fed the very tensor
+    the network is called with as its noisy input, the second is the last nn.Linear/nn.Conv2d that runs."""
+    from torch import nn
+
+    from fewstep.quant import quantize, target_layers
+
+    model = models[case.name]
+    den = from_diffusers(model, case.config)
+    first, last = den.family.ends
+    layers = dict(target_layers(model))
+    assert isinstance(layers[first], nn.Linear | nn.Conv2d) and isinstance(layers[last], nn.Linear | nn.Conv2d)
+    seen, order, fed = {}, [], {}
+
+    def top(module, args, kwargs):
+        seen["x"] = kwargs[den.family.sample] if den.family.sample in kwargs else args[0]
+
+    def watch(module, args, name):
+        order.append(name)
+        fed.setdefault(name, args[0])
+
+    handles = [model.register_forward_pre_hook(top, with_kwargs=True)]
+    handles += [layer.register_forward_pre_hook(lambda m, a, name=name: watch(m, a, name))
+                for name, layer in layers.items()]
+    try:
+        t = case.t if case.flow else den.schedule.time_of_index(500)
+        with torch.no_grad():
+            den(_randn(B, 2, 8, 8, seed=0), t, _cond(case.name, B))
+    finally:
+        for h in handles:
+            h.remove()
+    assert fed[first] is seen["x"] and order[-1] == last
+    q = quantize(den, "w8")
+    assert sorted(n for n, why in q.quant.skipped.items() if "keep_ends" in why) == sorted((first, last))
+    assert not {first, last} & set(q.quant.layers)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_sample_runs_end_to_end(models, case):
     den = from_diffusers(models[case.name], case.config)
     shape = (2, 8, 8) if case.name == "FluxTransformer2DModel" else den.sample_shape

@@ -49,19 +49,21 @@ def test_plan_refuses_bad_schemes_at_construction(quant, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("scheme", ["w8", "w4a8"])
+@pytest.mark.parametrize("scheme", ["w8", "w4a8", "w8:round=nearest", "fp8wo"])
 def test_plan_build_equals_quantize_then_sample(unet_s, scheme):
-    """``build`` quantizes a copy of the given network (activation schemes calibrated on the plan's own solver and
-    times with calibrate's default seeds) and samples exactly as quantize-then-sample does."""
+    """``build`` quantizes a copy of the given network (calibrated on the plan's own solver and times with
+    calibrate's default seeds: activation ranges, GPTQ rounding; uncalibrated for round=nearest and fp8wo) and
+    samples exactly as quantize-then-sample does."""
     before = snapshot(unet_s)
     plan = Plan(model="unet_s", solver="dpmpp_2m", grid="logsnr", steps=4, quant=scheme)
     sampler = plan.build(unet_s)
     got = sampler.sample(seeds="0-3")
-    cal = dict(solver="dpmpp_2m", steps=sampler.times) if scheme == "w4a8" else None
+    cal = dict(solver="dpmpp_2m", steps=sampler.times) if scheme in ("w8", "w4a8") else None
     q = quantize(unet_s, scheme, calibration=cal)
     want = fewstep.sample(q, "dpmpp_2m", sampler.times, shape=unet_s.sample_shape, seeds="0-3")
     assert torch.equal(got, want)
     assert sampler.network.quant.scheme == scheme and weights_bytes(sampler.network) == weights_bytes(q)
+    assert sampler.network.quant.rounding == ("gptq" if cal else "nearest")
     assert all(torch.equal(v, before[k]) for k, v in unet_s.model.state_dict().items())  # the original untouched
     plain = Plan(model="unet_s", solver="dpmpp_2m", grid="logsnr", steps=4).build(unet_s).sample(seeds="0-3")
     assert not torch.equal(got, plain)
@@ -95,11 +97,13 @@ def test_sample_quant_is_the_plans_quantized_run(unet_s, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["sample", "--model", "unet_s", "--quant", "w3x"], "unknown quantization scheme 'w3x'"),
-    (["sample", "--model", "unet_s", "--quant", "w8:calibration=single"], "takes no knob 'calibration'"),
+    (["sample", "--model", "unet_s", "--quant", "w8:round=nearest:calibration=single"],
+     "takes no knob 'calibration'"),
     (["sample", "--plan", "PLAN", "--quant", "w8"], "drop --quant"),
     (["bench", "--models", "unet_s", "--steps", "3", "--quant", "none,int8w"], "did you mean 'int8wo'"),
     (["bench", "--models", "unet_s", "--steps", "3", "--quant", "w4a8:t=0.5"], "t= picks the time"),
-    (["generate", "--pipeline", "nowhere", "--prompt", "x", "--quant", "w8a8"], "a pipeline takes weight-only"),
+    (["generate", "--pipeline", "nowhere", "--prompt", "x", "--quant", "w8a8"], "a pipeline takes uncalibrated"),
+    (["generate", "--pipeline", "nowhere", "--prompt", "x", "--quant", "w8:round=gptq"], "rounds weights by GPTQ"),
     (["generate", "--pipeline", "nowhere", "--prompt", "x", "--quant", "fp:e9m9"], "bad scheme"),
     (["generate", "--pipeline", "nowhere", "--prompt", "x", "--plan", "PLAN", "--quant", "w8"], "drop --quant"),
 ])

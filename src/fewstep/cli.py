@@ -670,8 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "deepcache:interval=3, encoder:interval=2 (U-Nets), block:threshold=0.05, magcache:threshold=0.1 "
                      "(transformers), auto:target_error=0.05[:method=all] (calibrated here), none")
     smp.add_argument("--quant", default=None, metavar="SCHEME",
-                     help="quantize (a copy of) the network: " + _scheme_list() + "; schemes with activations (wNaM, "
-                          "fp:...:act=) calibrate on this run's solver and steps (seeds 1000-1127); none (default)")
+                     help="quantize (a copy of) the network: " + _scheme_list() + "; calibrated on this run's solver "
+                          "and steps (seeds 1000-1127): activation ranges, and GPTQ weight rounding (all but fp8wo; "
+                          ":round=nearest skips it); first and last layers stay float (:keep_ends=false quantizes "
+                          "them); none (default)")
     smp.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default=None,
                      help="precision of the network (float32; float16/bfloat16 keep the state in float32)")
     smp.add_argument("--device", type=_device, default=None, help="torch device (cpu; cuda, cuda:1, ...)")
@@ -719,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "[:method=all] (calibrated by running the pipeline on seeds 1000-1003), none (default)")
     gen.add_argument("--quant", default=None, metavar="SCHEME",
                      help="quantize the pipeline's unet/transformer with a weight-only scheme: " + _scheme_list()
-                          + " (not those that calibrate activations, wNaM); none (default)")
+                          + " (weights rounded to nearest: not wNaM or round=gptq, which calibrate); none (default)")
     gen.add_argument("--out", required=True, help="output .png (RGB image grid) or .npz (undecoded latents)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
@@ -788,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "magcache:threshold=0.1, auto:target_error=0.05 (default: none)")
     bench.add_argument("--quant", type=lambda s: s.split(","), default=[""], metavar="SCHEMES",
                        help="comma-separated quantization schemes to run every fewstep solver with (none for the "
-                            "float network): " + _scheme_list() + "; each quantized row also records quant_error "
+                            "float network): " + _scheme_list() + ", calibrated on each row's solver and steps as "
+                            "in sample; each quantized row also records quant_error "
                             "(RMSE against the float network's samples from the same noise) and weights_bytes "
                             "(default: none)")
     bench.add_argument("--plans", type=lambda s: [x for x in s.split(",") if x], default=[],

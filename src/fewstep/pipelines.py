@@ -86,19 +86,23 @@ def check_pipeline_scheme(scheme: str) -> None:
     without loading anything."""
     from fewstep.quant import parse_scheme
 
-    if parse_scheme(scheme).calibrated:
-        raise ValueError(f"a pipeline takes weight-only schemes (int8wo, int8dq, w8, fp:e4m3, ...); {scheme!r} "
-                         f"calibrates activations over fewstep.sample runs, which a pipeline's prompt encoding does "
-                         f"not go through: use fewstep.quantize on a denoiser with calibration=dict(cond=...)")
+    parsed = parse_scheme(scheme)
+    if parsed.calibrated:
+        what = "calibrates activations" if parsed.act is not None else "rounds weights by GPTQ on Hessians gathered"
+        raise ValueError(f"a pipeline takes uncalibrated weight-only schemes (int8wo, int8dq, w8, fp:e4m3, ..., "
+                         f"rounded to nearest); {scheme!r} {what} over fewstep.sample runs, which a pipeline's prompt "
+                         f"encoding does not go through: use fewstep.quantize on a denoiser with "
+                         f"calibration=dict(cond=...)")
 
 
 def quantize_pipeline(pipe: Any, scheme: str) -> Any:
     """Replace the pipeline's denoising network by a copy quantized with a weight-only ``scheme`` (``int8wo``,
-    ``w8``, ``fp:e4m3``, ...; :func:`fewstep.quant.quantize`); returns what was done
+    ``w8``, ``fp:e4m3``, ...; :func:`fewstep.quant.quantize`; weights rounded to nearest, the first and last layers
+    kept in float unless ``keep_ends=false``); returns what was done
     (:class:`~fewstep.quant.QuantInfo`). The original network is left as it was, and ``pipe`` no longer holds it
     (both are in memory while the copy is made).
 
-    Schemes that quantize activations with calibrated ranges are refused: their calibration runs
+    Schemes that need a calibration run (activation ranges, ``round=gptq``) are refused: their calibration runs
     :func:`fewstep.sample` on a :class:`~fewstep.models.ModelDenoiser`, which does not see the pipeline's own prompt
     encoding and guidance; quantize a denoiser with ``fewstep.quantize(den, scheme, calibration=dict(cond=...))``
     for those."""

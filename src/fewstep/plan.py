@@ -62,9 +62,10 @@ class Plan:
         cache: a cache spec (``"taylorseer:interval=3"``, ``"auto:target_error=0.02"``, ``""`` for none;
             :func:`fewstep.caching.cache_from_spec`).
         quant: a quantization scheme for the network (``"int8wo"``, ``"w8"``, ``"w4a8"``, ``""`` or ``"none"``;
-            :data:`fewstep.quant.SCHEMES`), applied by :meth:`build` before guidance and cache; schemes that
-            quantize activations calibrate on this plan's own solver and times (:func:`fewstep.quant.calibrate`'s
-            default seeds). Written to JSON only when set, so plans from before it existed read and hash as they
+            :data:`fewstep.quant.SCHEMES`), applied by :meth:`build` before guidance and cache; every scheme a
+            calibration run changes (activation ranges; GPTQ weight rounding, the default for all but ``fp8wo``)
+            calibrates on this plan's own solver and times (:func:`fewstep.quant.calibrate`'s default seeds).
+            Written to JSON only when set, so plans from before it existed read and hash as they
             did.
         guidance: a classifier-free guidance scale for models with a default null condition (a class-conditional
             DiT); text models take their negative conditioning at :meth:`build`.
@@ -215,7 +216,7 @@ class Plan:
             from fewstep.quant import parse_scheme, quantize
 
             cal = None
-            if parse_scheme(self.quant).calibrated:  # calibrate's own default seeds, this plan's solver and times
+            if parse_scheme(self.quant).calibratable:  # calibrate's default seeds, this plan's solver and times
                 cal = {"solver": solver, "steps": times, "shape": shape, "cond": calibration_cond}
             model = quantize(model, self.quant, calibration=cal)
         network = model.inner if isinstance(model, ClassifierFreeGuidance) else model

@@ -35,8 +35,9 @@ class Experiment:
     experiment, while the defaults (float32 on the CPU) leave the key as it was before these fields existed.
 
     ``quant``: a quantization scheme for the network (:data:`fewstep.quant.SCHEMES`; ``""`` for none), applied as
-    :meth:`fewstep.plan.Plan.build` does (activation schemes calibrated on this experiment's own solver, steps and
-    grid); part of the key only when set, so unquantized experiments keep the keys they had before it existed.
+    :meth:`fewstep.plan.Plan.build` does (calibrated on this experiment's own solver, steps and grid: activation
+    ranges, GPTQ weight rounding); part of the key only when set, so unquantized experiments keep the keys they had
+    before it existed.
 
     ``plan`` (with its row label ``name``): a :class:`~fewstep.plan.Plan`'s JSON, run as ``Plan.build`` makes it
     (see :meth:`of_plan`); the other fields then repeat the plan's, and the key covers the whole plan, so an edited

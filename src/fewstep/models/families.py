@@ -107,6 +107,8 @@ class ModelFamily:
             first half is the prediction (DiT, PixArt, Sana, DeepFloyd IF; as their pipelines do).
         default_size: latent side when the config has no ``sample_size`` (Flux: 128, its pipeline's default).
         blocks: the block lists, in the order ``forward`` runs them.
+        ends: the layers that read the noisy input and write the prediction (the patch or input embedding, the
+            output projection): quantization keeps them in float by default (:mod:`fewstep.quant`).
     """
 
     name: str
@@ -126,6 +128,7 @@ class ModelFamily:
     learned_sigma: bool = False
     default_size: int | None = None
     blocks: tuple[Blocks, ...] = ()
+    ends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.time not in ("native", "unit"):
@@ -289,6 +292,7 @@ _ALL = (
         cond=("class_labels",),
         needs=_CLASS_NEEDS,
         blocks=(_UNET_DOWN, _UNET_MID, _UNET_UP),
+        ends=("conv_in", "conv_out"),
     ),
     ModelFamily(  # SD 1.x/2.x; SDXL (added_cond_kwargs text_embeds + time_ids); DeepFloyd IF (learned sigma)
         name="UNet2DConditionModel",
@@ -302,6 +306,7 @@ _ALL = (
         nested=("added_cond_kwargs",),
         learned_sigma=True,
         blocks=(_UNET_DOWN, _UNET_MID, _UNET_UP),
+        ends=("conv_in", "conv_out"),
     ),
     ModelFamily(  # class-conditional; the label table has a null class at index num_classes (class dropout)
         name="DiTTransformer2DModel",
@@ -312,6 +317,7 @@ _ALL = (
                           When("num_embeds_ada_norm")),),
         learned_sigma=True,
         blocks=(_BASIC_BLOCKS,),
+        ends=("pos_embed.proj", "proj_out_2"),
     ),
     ModelFamily(
         name="PixArtTransformer2DModel",
@@ -326,6 +332,7 @@ _ALL = (
         nested=("added_cond_kwargs",),
         learned_sigma=True,
         blocks=(_BASIC_BLOCKS,),
+        ends=("pos_embed.proj", "proj_out"),
     ),
     ModelFamily(
         name="SD3Transformer2DModel",
@@ -335,6 +342,7 @@ _ALL = (
         needs=(Need("encoder_hidden_states"), Need("pooled_projections")),
         blocks=(Blocks("transformer_blocks", ("hidden_states", "encoder_hidden_states", "temb",
                                               "joint_attention_kwargs"), ("encoder_hidden_states", "hidden_states")),),
+        ends=("pos_embed.proj", "proj_out"),
     ),
     ModelFamily(
         name="FluxTransformer2DModel",
@@ -351,6 +359,7 @@ _ALL = (
         default_size=128,
         blocks=(Blocks("transformer_blocks", _JOINT_TAKES, ("encoder_hidden_states", "hidden_states")),
                 Blocks("single_transformer_blocks", _JOINT_TAKES, ("encoder_hidden_states", "hidden_states"))),
+        ends=("x_embedder", "proj_out"),
     ),
     ModelFamily(
         name="SanaTransformer2DModel",
@@ -365,6 +374,7 @@ _ALL = (
         blocks=(Blocks("transformer_blocks", ("hidden_states", "attention_mask", "encoder_hidden_states",
                                               "encoder_attention_mask", "timestep", "height", "width"),
                        ("hidden_states",)),),
+        ends=("patch_embed.proj", "proj_out"),
     ),
 )
 

@@ -22,14 +22,16 @@ from torch import nn
 from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Denoiser
 from fewstep.models.guidance import ClassifierFreeGuidance
-from fewstep.quant.calibration import ActivationRanges, calibrate, channel_dim, network_of, target_layers
+from fewstep.quant.calibration import NEVER_RAN, ActivationRanges, calibrate, channel_dim, network_of, target_layers
 from fewstep.quant.conv import Int8Conv2d
-from fewstep.quant.formats import Format, FPFormat, IntFormat, quantize_fp, quantize_int
+from fewstep.quant.formats import Format, FPFormat, IntFormat, absmax_scale, quantize_fp, quantize_int
+from fewstep.quant.gptq import gptq_round
 from fewstep.quant.kernels import apply_kernel
 from fewstep.quant.records import LayerQuant, QuantInfo
 from fewstep.quant.schemes import Scheme, parse_scheme
 
-__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "quantize", "weights_bytes"]
+__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "ends_of", "quantize", "round_to", "scale_matrix",
+           "weights_bytes"]
 
 CALIBRATION_KEYS = ("solver", "steps", "seeds", "cond", "shape", "grid")
 """What ``calibration=`` may hold: :func:`fewstep.quant.calibrate`'s run (``solver`` and ``steps`` required)."""
@@ -84,16 +86,19 @@ class ActQuant:
 
 def _check_calibration(scheme: Scheme, calibration: Any) -> dict[str, Any] | None:
     if calibration is None:
-        if scheme.calibrated:
+        if scheme.act is not None:
             raise ValueError(f"scheme {scheme.text!r} quantizes activations with calibrated ranges: pass "
                              f"calibration=dict(solver=..., steps=..., seeds=...) (the run the ranges come from)")
+        if scheme.calibrated:
+            raise ValueError(f"scheme {scheme.text!r} rounds weights by GPTQ under Hessians of a calibration run: "
+                             f"pass calibration=dict(solver=..., steps=..., seeds=...), or use round=nearest")
         return None
     if not isinstance(calibration, Mapping):
         raise TypeError(f"calibration must be a dict with keys {', '.join(CALIBRATION_KEYS)}, "
                         f"got {type(calibration).__name__}")
-    if not scheme.calibrated:
-        raise ValueError(f"scheme {scheme.text!r} leaves activations in float and takes no calibration; drop it "
-                         f"(or choose a scheme such as 'w8a8')")
+    if not scheme.calibratable:
+        raise ValueError(f"scheme {scheme.text!r} rounds weights to nearest and leaves activations in float: it "
+                         f"takes no calibration; drop it (or use round=gptq, or a scheme such as 'w8a8')")
     unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
     if unknown:
         raise ValueError(f"unknown calibration key {unknown[0]!r}; expected {', '.join(CALIBRATION_KEYS)}")
@@ -103,18 +108,33 @@ def _check_calibration(scheme: Scheme, calibration: Any) -> dict[str, Any] | Non
     return dict(calibration)
 
 
+def ends_of(den: ModelDenoiser, net: nn.Module) -> dict[str, str]:
+    """The layers of ``net`` that read the noisy input and write the prediction, by its family's ``ends``
+    (:mod:`fewstep.models.families`), with why each stays in float; empty for a network outside the families."""
+    family = den.family
+    if family is None:
+        return {}
+    names = dict(target_layers(net))
+    why = ("reads the noisy input", "writes the prediction")
+    return {name: f"kept in float (keep_ends): {why[min(i, 1)]}" for i, name in enumerate(family.ends)
+            if name in names}
+
+
 def quantize(den: Denoiser | str | os.PathLike, scheme: str, *, calibration: Mapping[str, Any] | None = None
              ) -> Denoiser:
-    """``den`` with its network replaced by a quantized deep copy (:data:`~fewstep.quant.SCHEMES`; grammar in
-    :mod:`fewstep.quant.schemes`). The original network's parameters stay bit-identical.
+    """``den`` with its network replaced by a quantized deep copy (:data:`~fewstep.quant.SCHEMES`; grammar and knobs
+    in :mod:`fewstep.quant.schemes`). The original network's parameters stay bit-identical.
 
     Args:
         den: a :class:`ModelDenoiser` (or :class:`ClassifierFreeGuidance` over one, which is rebuilt around the
             quantized denoiser), or a zoo model name / diffusers folder (:func:`fewstep.zoo.load`).
-        scheme: e.g. ``"int8wo"``, ``"w4a8"``, ``"fp:e2m1"``, ``"w8a8:calibration=single"``.
-        calibration: for the schemes that quantize activations, the run their ranges come from:
+        scheme: e.g. ``"int8wo"``, ``"w4a8"``, ``"fp:e2m1"``, ``"w8a8:calibration=single"``, ``"w4:round=nearest"``.
+        calibration: the sampling run that calibrates the scheme:
             ``dict(solver=..., steps=..., seeds=..., cond=..., shape=..., grid=...)``
-            (:func:`~fewstep.quant.calibrate`'s arguments; the scheme's knobs choose trajectory or single time).
+            (:func:`~fewstep.quant.calibrate`'s arguments). It gathers the activation ranges of the schemes that
+            quantize activations, and the layer Hessians by which weights are rounded (GPTQ,
+            :mod:`fewstep.quant.gptq`; every scheme but ``fp8wo`` rounds by GPTQ when given a calibration, to
+            nearest without). The scheme's knobs choose trajectory or single time.
 
     Returns:
         A :class:`QuantizedDenoiser` (``.quant`` says what was done), under the same guidance as ``den``.
@@ -128,18 +148,22 @@ def quantize(den: Denoiser | str | os.PathLike, scheme: str, *, calibration: Map
         raise TypeError("quantize takes a Denoiser: wrap the network first, fewstep.from_diffusers(model, scheduler)")
     inner = network_of(den)
     cal = _check_calibration(parsed, calibration)
+    rounding = parsed.rounding(cal is not None)
+    ranges = None
+    if cal is not None:
+        solver, steps = cal.pop("solver"), cal.pop("steps")
+        ranges = calibrate(den, solver, steps, mode=parsed.calibration, t=parsed.t, split=parsed.split,
+                           hessians=rounding == "gptq", **cal)
+    net = copy.deepcopy(inner.model)
+    keep = ends_of(inner, net) if parsed.keep_ends else {}
+    hessians = ranges.hessians if ranges is not None and rounding == "gptq" else None
     if parsed.kernel is not None:
-        net = copy.deepcopy(inner.model)
-        layers, skipped = apply_kernel(net, parsed)
-        info = QuantInfo(parsed.text, layers, skipped)
+        layers, skipped, nearest = apply_kernel(net, parsed, keep=keep, hessians=hessians)
     else:
-        ranges = None
-        if cal is not None:
-            solver, steps = cal.pop("solver"), cal.pop("steps")
-            ranges = calibrate(den, solver, steps, mode=parsed.calibration, t=parsed.t, split=parsed.split, **cal)
-        net = copy.deepcopy(inner.model)
-        layers, skipped = _apply_fake(net, parsed, ranges)
-        info = QuantInfo(parsed.text, layers, skipped, ranges)
+        layers, skipped, nearest = _apply_fake(net, parsed, ranges, keep=keep, hessians=hessians)
+    if ranges is not None and hessians is not None:
+        nearest = {**nearest, **{k: v for k, v in ranges.no_hessian.items() if k in nearest}}
+    info = QuantInfo(parsed.text, layers, skipped, ranges, rounding, nearest)
     return _rewrap(den, _rebuild(inner, net, info))
 
 
@@ -161,46 +185,69 @@ def _rewrap(den: Denoiser, inner: QuantizedDenoiser) -> Denoiser:
 
 # --- fake quantization --------------------------------------------------------------------------------------------
 
-def _fake_weight(w: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Per-output-channel (axis 0) rounding of a weight to ``fmt``."""
+def scale_matrix(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Per-element scales of ``w``'s rows x columns matrix (``w.flatten(1)``): per output channel, and per input
+    part (channel ``sizes`` along axis 1) for a layer fed a concatenation, ``max |w| / fmt.max_value`` over that
+    channel's (part's) weights."""
+    parts = (w,) if sizes is None else w.split(sizes, 1)
+    top = fmt.max_value
+    scales = [absmax_scale(p, top, axis=0).expand_as(p) for p in parts]
+    return torch.cat(scales, 1).flatten(1) if len(scales) > 1 else scales[0].flatten(1)
+
+
+def round_to(x: torch.Tensor, scales: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``x`` rounded to nearest on ``fmt``'s grid times ``scales`` (broadcast against ``x``)."""
     if isinstance(fmt, IntFormat):
-        return quantize_int(w, fmt.bits, axis=0)
-    return quantize_fp(w, fmt.exp_bits, fmt.man_bits, axis=0)
+        return quantize_int(x, fmt.bits, scale=scales)
+    return quantize_fp(x, fmt.exp_bits, fmt.man_bits, scale=scales)
 
 
-def _split_weight(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None) -> torch.Tensor:
-    if sizes is None:
-        return _fake_weight(w, fmt)
-    return torch.cat([_fake_weight(part, fmt) for part in w.split(sizes, 1)], 1)
+def _fake_round(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None, hessian: torch.Tensor | None
+                ) -> torch.Tensor:
+    """``w`` on ``fmt``'s grid (per output channel and part): to nearest, or by GPTQ under ``hessian``."""
+    w2 = w.detach().flatten(1)
+    scales = scale_matrix(w.detach(), fmt, sizes)
+    if hessian is None:
+        q = round_to(w2, scales, fmt)
+    else:
+        q = gptq_round(w2, hessian, scales, lambda x, s: round_to(x, s, fmt))
+    return q.view_as(w).to(w.dtype)
 
 
 def _search(w: torch.Tensor, bits: int, sizes: tuple[int, ...] | None) -> FPFormat:
-    """The ``E<e>M<bits-1-e>`` format (``e = 1 .. bits - 1``) with the least weight MSE (*LLM-FP4: 4-Bit
-    Floating-Point Quantized Transformers*, Liu et al., EMNLP 2023, search the exponent width per layer; ties go to
-    the fewer exponent bits)."""
+    """The ``E<e>M<bits-1-e>`` format (``e = 1 .. bits - 1``) with the least weight MSE rounded to nearest
+    (*LLM-FP4: 4-Bit Floating-Point Quantized Transformers*, Liu et al., EMNLP 2023, search the exponent width per
+    layer; ties go to the fewer exponent bits)."""
     best, best_err = None, math.inf
     ref = w.detach().double()
     for e in range(1, bits):
         fmt = FPFormat(e, bits - 1 - e)
-        err = float((_split_weight(w.detach(), fmt, sizes).double() - ref).square().mean())
+        err = float((_fake_round(w, fmt, sizes, None).double() - ref).square().mean())
         if err < best_err:
             best, best_err = fmt, err
     assert best is not None
     return best
 
 
-def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None
-                ) -> tuple[dict[str, LayerQuant], dict[str, str]]:
+def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None, *, keep: Mapping[str, str],
+                hessians: Mapping[str, torch.Tensor] | None
+                ) -> tuple[dict[str, LayerQuant], dict[str, str], dict[str, str]]:
     layers: dict[str, LayerQuant] = {}
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = dict(keep)
+    nearest: dict[str, str] = {}
     for name, layer in target_layers(net):
+        if name in keep:
+            continue
         w = layer.weight
         sizes = ranges.splits.get(name) if ranges is not None else None
         # a grouped conv's weight does not span the concatenated channels: only its input is split
         w_sizes = sizes if sizes is not None and w.shape[1] == sum(sizes) else None
         fmt: Format = _search(w, scheme.search_bits, w_sizes) if scheme.search_bits else scheme.weight
+        hessian = None if hessians is None else hessians.get(name)
+        if hessians is not None and hessian is None:
+            nearest[name] = NEVER_RAN
         with torch.no_grad():
-            w.copy_(_split_weight(w, fmt, w_sizes))
+            w.copy_(_fake_round(w, fmt, w_sizes, hessian))
         act = None
         if scheme.act is not None and ranges is not None:
             if name in ranges.ranges:
@@ -210,7 +257,7 @@ def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None
                 skipped[name] = "input not quantized: the layer never ran during calibration"
         parts = 1 if w_sizes is None else len(w_sizes)
         layers[name] = LayerQuant(fmt.name, fmt.bits, w.shape[0] * parts, act, sizes)
-    return layers, skipped
+    return layers, skipped, nearest
 
 
 # --- storage ------------------------------------------------------------------------------------------------------

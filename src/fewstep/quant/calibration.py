@@ -27,7 +27,7 @@ concatenation wherever the model makes it, with no knowledge of a block's channe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,7 +40,8 @@ from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["TARGETS", "ActivationRanges", "calibrate", "channel_dim", "find_splits", "network_of", "target_layers"]
+__all__ = ["HESSIAN_COLUMNS", "HESSIAN_SAMPLES", "NEVER_RAN", "TARGETS", "ActivationRanges", "calibrate", "channel_dim",
+           "columns", "find_splits", "layer_rows", "network_of", "target_layers"]
 
 TARGETS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 """The layers quantized: weights always, inputs for the schemes that quantize activations."""
@@ -112,18 +113,39 @@ class _CatTracker(TorchFunctionMode):
 
 class _Session:
     """What the observers of one calibration share: whether this evaluation is observed, the cat tracker of the
-    evaluation that finds the splits."""
+    evaluation that finds the splits, whether (and up to how many columns) to gather Hessians."""
 
-    def __init__(self, split: bool) -> None:
+    def __init__(self, split: bool, hessians: int = 0, hessian_samples: int = 0) -> None:
         self.split = split
+        self.hessians = hessians  # 0: none; else the most columns a layer's Hessian may have
+        self.hessian_samples = hessian_samples  # the most samples of one evaluation's batch a Hessian takes
         self.active = False
         self.tracker: _CatTracker | None = None
         self.calls = 0
         self.times: list[float] = []
 
 
+def columns(layer: nn.Module) -> int:
+    """Input columns of a layer's weight matrix: ``in_features``, or ``in_channels / groups x kernel size``."""
+    w = layer.weight
+    return int(w[0].numel())
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as the rows its weight matrix multiplies (rows x :func:`columns`): the last axis of a linear
+    layer's input, the unfolded patches of an ungrouped convolution's (``F.unfold``, the order of
+    ``weight.flatten(1)``)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    u = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # B, C k k, L
+    return u.transpose(1, 2).reshape(-1, u.shape[1])
+
+
 class _Observer:
-    """Forward pre-hook on one layer: per-part running min/max of its input over the observed evaluations."""
+    """Forward pre-hook on one layer: per-part running min/max of its input over the observed evaluations, and,
+    when the session asks, the running sum of ``x x^T`` over its input rows (:func:`layer_rows`)."""
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -131,6 +153,9 @@ class _Observer:
         self.count = 0
         self.lo: list[torch.Tensor] = []
         self.hi: list[torch.Tensor] = []
+        self.xtx: torch.Tensor | None = None
+        self.rows = 0
+        self.no_hessian: str | None = None
 
     def __call__(self, layer: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
@@ -150,6 +175,24 @@ class _Observer:
             else:
                 self.lo.append(lo)
                 self.hi.append(hi)
+        if s.hessians and self.no_hessian is None:
+            self._hessian(layer, x.detach())
+
+    def _hessian(self, layer: nn.Module, x: torch.Tensor) -> None:
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or not isinstance(layer.padding, tuple)
+                                             or layer.padding_mode != "zeros"):
+            self.no_hessian = "a grouped convolution, or one padded other than by explicit zeros"
+            return
+        if columns(layer) > self.session.hessians:
+            self.no_hessian = f"{columns(layer)} input columns, over the Hessian limit of {self.session.hessians}"
+            return
+        stride = -(-x.shape[0] // self.session.hessian_samples) if x.ndim > 1 else 1
+        x = x[::stride] if stride > 1 else x  # every k-th sample: both halves of a batched guided pass
+        # products in the input's precision (float32 at least), summed over evaluations in float64
+        r = layer_rows(layer, x if x.dtype == torch.float64 else x.float())
+        xtx = (r.T @ r).double()
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.rows += r.shape[0]
 
 
 class _Observed(Denoiser):
@@ -190,6 +233,9 @@ class ActivationRanges:
         counts: layer name -> network evaluations it was observed in (a guided run evaluates twice per call).
         nfe: denoiser evaluations of the calibration run.
         times: the time of every observed denoiser evaluation.
+        hessians: layer name -> mean ``x x^T`` of its input rows over the observed evaluations (float64; gathered
+            with ``hessians=True``, for :func:`fewstep.quant.gptq.gptq_round`).
+        no_hessian: layer name -> why it has no Hessian (grouped convolution, too many columns).
     """
 
     mode: str
@@ -198,6 +244,20 @@ class ActivationRanges:
     counts: dict[str, int]
     nfe: int
     times: tuple[float, ...]
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    no_hessian: dict[str, str] = field(default_factory=dict)
+
+
+NEVER_RAN = "no Hessian: the layer never ran during calibration"
+
+HESSIAN_SAMPLES = 32
+"""Default most samples of each evaluation's batch a Hessian is gathered from (every k-th; Q-Diffusion calibrates
+on 5120 inputs drawn over the trajectory; 32 samples x every step of a 10-step run x the positions of a feature map
+is already more). The ranges see the whole batch."""
+
+HESSIAN_COLUMNS = 4096
+"""Default largest Hessian gathered (columns of a layer's weight matrix): 4096^2 float64 values are 128 MiB. Wider
+layers are rounded to nearest (listed in ``ActivationRanges.no_hessian``)."""
 
 
 def _attach(net: nn.Module, session: _Session) -> tuple[dict[str, _Observer], list[Any]]:
@@ -225,6 +285,9 @@ def calibrate(
     mode: str = "trajectory",
     t: float | None = None,
     split: bool = True,
+    hessians: bool = False,
+    hessian_columns: int = HESSIAN_COLUMNS,
+    hessian_samples: int = HESSIAN_SAMPLES,
 ) -> ActivationRanges:
     """Input ranges of every ``nn.Linear``/``nn.Conv2d`` of ``den``'s network over a sampling run (module docstring).
 
@@ -233,6 +296,10 @@ def calibrate(
     extremes of a few samples clip the tails of others), with ``cond``, and observes the
     float network's layer inputs at every evaluation (``mode="trajectory"``) or at the grid time nearest ``t`` only
     (``mode="single"``; default the middle step). ``shape`` defaults to ``den``'s ``sample_shape``.
+
+    ``hessians=True`` also gathers, at the same evaluations, each layer's mean ``x x^T`` over its input rows (the
+    GPTQ Hessian, :mod:`fewstep.quant.gptq`), for layers of at most ``hessian_columns`` input columns, from at most
+    ``hessian_samples`` samples of each evaluation's batch (every k-th).
 
     The network is observed through forward pre-hooks that are removed before returning: its parameters and hooks
     are as they were (do not sample with the same network from another thread meanwhile).
@@ -259,7 +326,10 @@ def calibrate(
         if t is not None and not schedule.t_min * (1 - 1e-12) <= target <= schedule.t_max * (1 + 1e-12):
             raise ValueError(f"t={t} is outside the schedule's times [{schedule.t_min:g}, {schedule.t_max:g}]")
         at = min(starts, key=lambda s: abs(s - target))
-    session = _Session(split)
+    for key, value in (("hessian_columns", hessian_columns), ("hessian_samples", hessian_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    session = _Session(split, hessian_columns if hessians else 0, hessian_samples)
     observers, handles = _attach(model_den.model, session)
     try:
         with torch.no_grad():
@@ -275,6 +345,8 @@ def calibrate(
         counts={name: o.count for name, o in observers.items()},
         nfe=session.calls,
         times=tuple(session.times),
+        hessians={name: o.xtx / o.rows for name, o in observers.items() if o.xtx is not None and o.rows},
+        no_hessian={name: o.no_hessian for name, o in observers.items() if o.no_hessian is not None},
     )
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from fewstep.quant.calibration import target_layers
+from fewstep.quant.calibration import NEVER_RAN, target_layers
 from fewstep.quant.conv import Int8Conv2d
+from fewstep.quant.gptq import gptq_round
 from fewstep.quant.records import LayerQuant
 from fewstep.quant.schemes import KERNELS, Scheme
 
@@ -98,13 +100,19 @@ def _probe(layer: nn.Module, config: Any, quantize_: Any) -> str | None:
     return None
 
 
-def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant], dict[str, str]]:
+def apply_kernel(net: nn.Module, scheme: Scheme, *, keep: Mapping[str, str] | None = None,
+                 hessians: Mapping[str, torch.Tensor] | None = None
+                 ) -> tuple[dict[str, LayerQuant], dict[str, str], dict[str, str]]:
     """torchao's ``quantize_`` on every layer of ``net`` (in place: pass a copy) whose kernel runs here, probed once
     per layer shape on a copy of the layer; layers it cannot run stay float, listed with the reason in the second
-    dict (torchao 0.18 has no int8 or float8 convolution). ``int8wo`` replaces every ``nn.Conv2d`` by fewstep's
-    :class:`~fewstep.quant.conv.Int8Conv2d` instead (int8 storage, float compute: memory, not speed). ``ValueError``
-    naming the device and the fake-quant alternative when torchao's kernel runs on none of its layers: the device
-    lacks the kernel."""
+    dict (torchao 0.18 has no int8 or float8 convolution), as do the layers in ``keep`` (name -> why). ``int8wo``
+    replaces every ``nn.Conv2d`` by fewstep's :class:`~fewstep.quant.conv.Int8Conv2d` instead (int8 storage, float
+    compute: memory, not speed). ``ValueError`` naming the device and the fake-quant alternative when torchao's
+    kernel runs on none of its layers: the device lacks the kernel.
+
+    With ``hessians`` (layer name -> Hessian of its inputs), the int8 codes are then re-chosen by GPTQ
+    (:func:`_gptq_codes`) on torchao's own scales; the third dict lists the layers rounded to nearest and why."""
+    keep = dict(keep or {})
     config, quantize_ = _torchao(scheme)
     probes: dict[tuple[Any, ...], str | None] = {}
     ok: list[tuple[str, nn.Module]] = []
@@ -113,6 +121,9 @@ def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant],
     reasons: list[tuple[bool, str]] = []
     targets = target_layers(net)
     for name, layer in targets:
+        if name in keep:
+            skipped[name] = keep[name]
+            continue
         if scheme.kernel == "int8wo" and type(layer) is nn.Conv2d and name:  # a submodule: replaced below
             convs.append(name)
             continue
@@ -131,6 +142,9 @@ def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant],
         raise ValueError(f"scheme {scheme.kernel!r} has no torchao kernel on this device ({param.device.type}, "
                          f"{str(param.dtype).removeprefix('torch.')} layers: {why}); the fake-quant scheme "
                          f"{KERNELS[scheme.kernel][1]!r} simulates it")
+    originals = {} if hessians is None else {name: layer.weight.detach().clone() for name, layer in ok}
+    originals.update({} if hessians is None else {name: net.get_submodule(name).weight.detach().clone()
+                                                  for name in convs})
     chosen = {id(layer) for _, layer in ok}
     if chosen:
         quantize_(net, config, filter_fn=lambda m, fqn: id(m) in chosen)
@@ -142,4 +156,45 @@ def apply_kernel(net: nn.Module, scheme: Scheme) -> tuple[dict[str, LayerQuant],
         conv = Int8Conv2d(net.get_submodule(name))
         setattr(net.get_submodule(parent) if parent else net, child, conv)
         layers[name] = LayerQuant("int8", 8, conv.out_channels, None, None, type(conv).__name__)
-    return {name: layers[name] for name, _ in targets if name in layers}, skipped
+    nearest: dict[str, str] = {}
+    for name, w in originals.items():
+        hessian = hessians.get(name) if hessians is not None else None
+        why = NEVER_RAN if hessian is None else _gptq_codes(net.get_submodule(name), w, hessian)
+        if why is not None:
+            nearest[name] = why
+    return {name: layers[name] for name, _ in targets if name in layers}, skipped, nearest
+
+
+def _int8_storage(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(codes, scales)`` of a layer's int8 weight, stored as ``W_hat = scales * codes`` per output channel (codes
+    int8 in [-128, 127], scales rows x 1), that can be rewritten in place: fewstep's :class:`Int8Conv2d`, or torchao
+    0.18's symmetric ``Int8Tensor`` (``qdata``, ``scale``, zero ``zero_point``); ``None`` for any other storage."""
+    if isinstance(layer, Int8Conv2d):
+        return layer.qweight, layer.scale.view(-1, 1)
+    w = layer.weight
+    codes, scale, zero = (getattr(w, a, None) for a in ("qdata", "scale", "zero_point"))
+    if not isinstance(codes, torch.Tensor) or not isinstance(scale, torch.Tensor) or codes.dtype != torch.int8:
+        return None
+    if codes.shape != w.shape or scale.shape != (w.shape[0], 1):
+        return None
+    if isinstance(zero, torch.Tensor) and bool(zero.any()):
+        return None
+    return codes, scale
+
+
+def _gptq_codes(layer: nn.Module, w: torch.Tensor, hessian: torch.Tensor) -> str | None:
+    """Rewrite a quantized layer's int8 codes by GPTQ (:mod:`fewstep.quant.gptq`) from its float weight ``w``, on the
+    scales torchao (or :class:`Int8Conv2d`) chose; ``None`` when done, else why the codes stay round-to-nearest."""
+    storage = _int8_storage(layer)
+    if storage is None:
+        return f"GPTQ needs per-channel int8 codes; {type(layer.weight).__name__} stores otherwise"
+    codes, scale = storage
+    s = scale.detach().double()
+
+    def rnd(x: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        return torch.round(x / sc).clamp(-128, 127) * sc
+
+    q = gptq_round(w.flatten(1).double(), hessian.to(w.device), s, rnd)
+    with torch.no_grad():
+        codes.copy_(torch.round(q / s).clamp(-128, 127).to(torch.int8).view_as(codes))
+    return None

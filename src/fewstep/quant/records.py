@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fewstep.quant.calibration import ActivationRanges
 
@@ -34,9 +34,12 @@ class LayerQuant:
 @dataclass(frozen=True)
 class QuantInfo:
     """What :func:`fewstep.quant.quantize` did: the scheme, each quantized layer, the layers (or inputs) left in
-    float and why, the calibration's ranges (schemes that quantize activations)."""
+    float and why, the calibration (ranges, Hessians), how weights were rounded (``"gptq"`` or ``"nearest"``), and
+    the layers rounded to nearest under ``gptq`` and why (no Hessian)."""
 
     scheme: str
     layers: dict[str, LayerQuant]
     skipped: dict[str, str]
     calibration: ActivationRanges | None = None
+    rounding: str = "nearest"
+    nearest: dict[str, str] = field(default_factory=dict)

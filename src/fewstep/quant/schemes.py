@@ -11,12 +11,25 @@ Grammar (:func:`parse_scheme`)::
     format := "e" X "m" Y                          fake-quant E<X>M<Y> weights per output channel (e4m3, e5m2, e2m1)
             | search                               the split of bits=B (default 4) minimizing each layer's weight MSE
 
-Knobs of the schemes that quantize activations (``wNaM``, ``fp:...:act=...``):
+Knobs of every scheme:
 
-* ``calibration=trajectory`` (default) or ``single``: ranges over every network evaluation of the calibration run,
-  or over the evaluations at one grid time only (:func:`fewstep.quant.calibrate`);
+* ``round=gptq`` or ``nearest``: how weights take their grid points. ``gptq`` compensates each weight's rounding
+  error on the weights not yet rounded, under Hessians of the layer inputs gathered over the calibration run
+  (:mod:`fewstep.quant.gptq`); ``nearest`` rounds each weight alone (what torchao's ``quantize_`` does). Default:
+  ``gptq`` when a calibration run is given, ``nearest`` without one (``fp8wo``: always ``nearest``).
+* ``keep_ends=true`` (default) or ``false``: the layers that read the noisy input and write the prediction (the
+  family's ``ends``: ``conv_in``/``conv_out``, a transformer's patch embedding and output projection) stay in
+  float, as Q-Diffusion and most post-training quantization keep the first and last layers. They hold a tiny share
+  of the weights and carry the whole output.
+
+Knobs of the schemes calibrated on a run (activation schemes ``wNaM``, ``fp:...:act=...``, and weight schemes with
+``round=gptq``):
+
+* ``calibration=trajectory`` (default) or ``single``: ranges and Hessians over every network evaluation of the
+  calibration run, or over the evaluations at one grid time only (:func:`fewstep.quant.calibrate`);
 * ``t=<time>``: with ``single``, the schedule time whose nearest grid time is observed (default: the middle step);
-* ``split=true`` (default) or ``false``: layers fed a concatenation (a U-Net's skip) quantize each part apart.
+* ``split=true`` (default) or ``false``: layers fed a concatenation (a U-Net's skip) quantize each part apart
+  (fake-quant schemes: weight scales per part too; torchao's kernels keep one scale per output channel).
 
 The fp family takes ``act=<format>`` (``act=e4m3``, ``act=int8``) to quantize activations too, and ``fp:search``
 takes ``bits=B``. Unknown knobs raise.
@@ -60,6 +73,7 @@ SCHEMES: dict[str, str] = {
 any widths, not only the ones listed."""
 
 CALIBRATIONS = ("trajectory", "single")
+ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass(frozen=True)
@@ -74,11 +88,25 @@ class Scheme:
     calibration: str = "trajectory"
     t: float | None = None
     split: bool = True
+    round: str | None = None  # None: gptq when calibrated, nearest otherwise
+    keep_ends: bool = True
 
     @property
     def calibrated(self) -> bool:
-        """Whether the scheme quantizes activations with ranges from a calibration run."""
-        return self.act is not None
+        """Whether the scheme cannot run without a calibration run: it quantizes activations with calibrated ranges,
+        or asks for ``round=gptq``."""
+        return self.act is not None or self.round == "gptq"
+
+    @property
+    def calibratable(self) -> bool:
+        """Whether a calibration run changes the result: :attr:`calibrated`, or weights rounded by GPTQ by default."""
+        return self.calibrated or (self.round is None and self.kernel != "fp8wo")
+
+    def rounding(self, calibrated: bool) -> str:
+        """``"gptq"`` or ``"nearest"``: the weight rounding with (``calibrated``) or without a calibration run."""
+        if self.round is not None:
+            return self.round
+        return "gptq" if calibrated and self.kernel != "fp8wo" else "nearest"
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -124,8 +152,16 @@ def parse_scheme(text: str) -> Scheme:
             known = list(SCHEMES)
             raise ValueError(f"unknown quantization scheme {text!r}{suggest(name, known)}; known: "
                              f"{', '.join(known)} (wNaM and fp:eXmY take any widths)")
+    rnd = knobs.pop("round", None)
+    if rnd is not None and rnd not in ROUNDINGS:
+        raise ValueError(f"round must be one of {', '.join(ROUNDINGS)}, got {rnd!r}")
+    if rnd == "gptq" and kernel == "fp8wo":
+        raise ValueError("fp8wo rounds to nearest (GPTQ onto torchao's float8 tensors is not built); "
+                         "fp:e4m3:round=gptq simulates it")
+    keep_ends = _bool("keep_ends", knobs.pop("keep_ends", True))
     calibration, t, split = "trajectory", None, True
-    if act is not None:
+    calibratable = act is not None or (rnd != "nearest" and kernel != "fp8wo")
+    if calibratable:
         calibration = knobs.pop("calibration", "trajectory")
         if calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
@@ -139,10 +175,10 @@ def parse_scheme(text: str) -> Scheme:
         split = _bool("split", knobs.pop("split", True))
     if knobs:
         what = "a torchao kernel scheme" if kernel else "this scheme"
-        extra = "" if kernel or act else " (calibration knobs are for schemes that quantize activations)"
+        extra = "" if calibratable else " (calibration knobs are for calibrated schemes: activations, round=gptq)"
         raise ValueError(f"{what} {name!r} takes no knob {sorted(knobs)[0]!r}{extra}")
     return Scheme(text=text.strip(), kernel=kernel, weight=weight, act=act, search_bits=search_bits,
-                  calibration=calibration, t=t, split=split)
+                  calibration=calibration, t=t, split=split, round=rnd, keep_ends=keep_ends)
 
 
 def _int_format(digits: str, what: str, text: str) -> IntFormat:
