@@ -2,9 +2,11 @@
 
 For every scheme (``none`` = the float32 network) and solver at each NFE, on the held-out seeds 0-255: the FD of
 the samples, the quantization error (mean per-sample RMSE against the float network's own samples from the same
-noise, same solver and steps), the weights' size, and the wall time of the run (this CPU, one thread). Activation
-schemes are calibrated on the run's own solver and grid (seeds 1000-1127): ``calibration=trajectory`` gathers
-ranges over every step (Q-Diffusion), ``calibration=single`` at one time (the middle step).
+noise, same solver and steps), the weights' size, and the wall time of the run (this CPU, one thread). Calibrated
+schemes (all but ``round=nearest``) calibrate on the run's own solver and grid (seeds 1000-1127): activation ranges
+and GPTQ Hessians over every step (``calibration=trajectory``, Q-Diffusion) or at one time (``single``, the middle
+step). ``int8wo:round=nearest:keep_ends=false`` is torchao's int8 weight-only as users apply it (every layer,
+round to nearest); ``int8wo`` is fewstep's default (GPTQ on the trajectory, first and last layers in float).
 
     python benchmarks/quant.py [--models unet_m,dit_s] [--db quant.sqlite]
 """
@@ -20,7 +22,9 @@ import torch
 from fewstep.bench import ResultStore
 from fewstep.cli import main as fewstep
 
-SCHEMES = "none,int8wo,w8,fp:e4m3,w4,w4a8:calibration=trajectory,w4a8:calibration=single"
+SCHEMES = ("none,int8wo:round=nearest:keep_ends=false,int8wo,fp:e4m3,w4:round=nearest:keep_ends=false,w4,"
+           "w4a8:calibration=trajectory,w4a8:calibration=single")
+INT8 = ("int8wo:round=nearest:keep_ends=false", "int8wo")
 SOLVERS = "ddim,dpmpp_2m,unipc,f_ddim"
 STEPS = "5,10,20,50"
 
@@ -75,6 +79,15 @@ def main() -> None:
                 secs = [by[n]["wall_seconds"] for (s, _), by in cells.items() if s == scheme and n in by]
                 line.append(f"{statistics.median(secs):.2f}" if secs else "-")
             print(f"| {scheme} | " + " | ".join(line) + " |")
+        print(f"\n### {model}: int8 weight-only, FD change over float (%)\n")
+        print("| scheme | solver | " + " | ".join(f"NFE {n}" for n in steps) + " |")
+        print("|---|---|" + "---|" * len(steps))
+        for scheme in INT8:
+            for solver in args.solvers.split(","):
+                base, by = cells.get(("none", solver), {}), cells.get((scheme, solver), {})
+                line = [f"{100 * (by[n]['fd'] / base[n]['fd'] - 1):+.1f}" if n in by and n in base else "-"
+                        for n in steps]
+                print(f"| {scheme} | {solver} | " + " | ".join(line) + " |")
         print(f"\n### {model}: FD increase over float at NFE 20, trajectory vs single-time calibration (w4a8)\n")
         print("| solver | float FD | w4a8 trajectory | w4a8 single | increase ratio trajectory / single |")
         print("|---|---|---|---|---|")

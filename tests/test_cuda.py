@@ -110,3 +110,16 @@ def test_a_differentiable_run_on_cuda():
     times = torch.tensor([0.999, 0.5, 0.1, 0.0], dtype=torch.float64, device="cuda", requires_grad=True)
     run(den, "dpmpp_2m", times, x_init=x).sum().backward()
     assert torch.isfinite(times.grad).all()
+
+
+@pytest.mark.parametrize("scheme", ["int8wo", "int8dq", "fp8wo", "w4a8", "int8wo:round=nearest"])
+def test_a_quantized_plan_on_cuda_is_close_to_the_cpu_one(scheme):
+    """Calibration (ranges, GPTQ Hessians and rounding) and torchao's kernels on the GPU: the samples stay close to
+    the same plan's on the CPU (kernels and float64 rounding decisions differ, so not bit for bit)."""
+    from fewstep import Plan, zoo
+
+    den = zoo.load("unet_m")
+    cpu = Plan(model="unet_m", solver="ddim", steps=8, quant=scheme).build(den).sample(seeds="0-7")
+    gpu = Plan(model="unet_m", solver="ddim", steps=8, quant=scheme, device="cuda").build().sample(seeds="0-7")
+    assert gpu.device.type == "cuda"
+    assert float((gpu.cpu().float() - cpu).norm() / cpu.norm()) < 0.05

@@ -84,7 +84,7 @@ def test_sample_quant_is_the_plans_quantized_run(unet_s, tmp_path, capsys):
                  "--quant", "int8wo", "--quiet", "--out", str(out)])
     text = capsys.readouterr()
     assert code == 0, text.err
-    assert "int8wo: weights" in text.out
+    assert "int8wo (gptq, 2 layers float): weights" in text.out
     want = Plan(model="unet_s", solver="ddim", steps=3, quant="int8wo").build(unet_s).sample(seeds="0-3")
     with np.load(out) as f:
         assert np.array_equal(f["samples"], want.numpy())

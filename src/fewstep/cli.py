@@ -260,8 +260,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if plan.quant:
             from fewstep.quant import weights_bytes
 
-            note += (f"; {plan.quant}: weights {weights_bytes(sampler.network) / 1024:,.1f} of "
-                     f"{weights_bytes(den) / 1024:,.1f} KiB")
+            info = sampler.network.quant
+            note += (f"; {plan.quant} ({info.rounding}, {len(info.skipped)} layers float): weights "
+                     f"{weights_bytes(sampler.network) / 1024:,.1f} of {weights_bytes(den) / 1024:,.1f} KiB")
         if shards is not None:
             from fewstep.shards import run_shards
 
