@@ -608,16 +608,18 @@ def test_calibrate_gathers_every_steps_hessians(tiny):
     assert x.shape[0] == 2 * 2 and torch.allclose(few.hessians[names[0]], x.T @ x / 4, rtol=1e-5, atol=1e-7)
 
 
-def test_int8wo_gptq_rewrites_the_int8_codes_on_torchaos_scales(unet_s):
-    """Calibrated int8wo keeps torchao's (and Int8Conv2d's) scales and stores GPTQ's choice of codes: the stored
+@pytest.mark.parametrize("scheme", ["int8wo", "int8dq"])
+def test_int8_kernels_gptq_rewrites_the_int8_codes_on_torchaos_scales(unet_s, scheme):
+    """Calibrated int8wo/int8dq keep torchao's (and Int8Conv2d's) scales and store GPTQ's choice of codes: the stored
     weights are exactly gptq_round's on those scales, and differ from torchao's round-to-nearest codes."""
     cal = dict(solver="ddim", steps=3, seeds=4)
-    q = quantize(unet_s, "int8wo", calibration=cal)
-    near = quantize(unet_s, "int8wo")
+    q = quantize(unet_s, scheme, calibration=cal)
+    near = quantize(unet_s, scheme)
     assert q.quant.rounding == "gptq" and near.quant.rounding == "nearest" and not q.quant.nearest
+    assert sorted(q.quant.layers) == sorted(near.quant.layers)
     moved = 0
     for name, layer in target_layers(unet_s.model):
-        if name in ENDS:
+        if name not in q.quant.layers:
             continue
         codes, scale = quant_kernels._int8_storage(q.model.get_submodule(name))
         codes0, scale0 = quant_kernels._int8_storage(near.model.get_submodule(name))

@@ -2,6 +2,7 @@
 --quant``, ``fewstep bench --quant`` (weights_bytes and quant_error against the float network's own samples), the
 harness's keys, ``fewstep generate --quant`` on a tiny pipeline, and the refusals, all before any work."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 import fewstep
 from fewstep.bench import Experiment, ResultStore, rmse_per_sample, run_sweep, sweep
+from fewstep.bench.experiment import QUANT_REV
 from fewstep.cli import main
 from fewstep.plan import Plan
 from fewstep.quant import quantize, weights_bytes
@@ -128,6 +130,10 @@ def test_experiment_quant_is_keyed_only_when_set():
     q = Experiment("unet_s", "ddim", 3, seeds="0-3", quant="w8")
     assert q.to_dict()["quant"] == "w8" and q.key != plain.key and q.label == "ddim [w8]"
     assert Experiment.from_json(q.to_json()) == q and q.unquantized() == plain
+    # rows stored before GPTQ and float ends became the defaults (no revision in the key) are other experiments
+    first_rev = {k: v for k, v in q.to_dict().items() if k != "quant_rev"}
+    assert q.to_dict()["quant_rev"] == QUANT_REV == 2 and Experiment.from_dict(first_rev) == q
+    assert hashlib.sha1(json.dumps(first_rev, sort_keys=True).encode()).hexdigest()[:16] != q.key
     plan = Plan(model="unet_s", solver="ddim", steps=3, quant="w8")
     pe = Experiment.of_plan(plan, name="p", seeds="0-3")
     assert pe.quant == "w8" and Experiment.from_json(pe.to_json()) == pe

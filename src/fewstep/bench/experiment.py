@@ -16,9 +16,14 @@ from fewstep.solvers import SOLVERS
 if TYPE_CHECKING:
     from fewstep.plan import Plan
 
-__all__ = ["BACKENDS", "Experiment", "sweep"]
+__all__ = ["BACKENDS", "QUANT_REV", "Experiment", "sweep"]
 
 BACKENDS = ("fewstep", "diffusers")
+
+
+QUANT_REV = 2
+"""Revision of what a quantization scheme string means, in quantized experiments' keys: 2 = GPTQ rounding on the
+calibration trajectory and the first and last layers in float by default (1, keyless: every layer to nearest)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class Experiment:
     ``quant``: a quantization scheme for the network (:data:`fewstep.quant.SCHEMES`; ``""`` for none), applied as
     :meth:`fewstep.plan.Plan.build` does (calibrated on this experiment's own solver, steps and grid: activation
     ranges, GPTQ weight rounding); part of the key only when set, so unquantized experiments keep the keys they had
-    before it existed.
+    before it existed. A quantized key also holds :data:`QUANT_REV`, so rows stored before GPTQ rounding and float
+    ends became the defaults are not taken for this revision's.
 
     ``plan`` (with its row label ``name``): a :class:`~fewstep.plan.Plan`'s JSON, run as ``Plan.build`` makes it
     (see :meth:`of_plan`); the other fields then repeat the plan's, and the key covers the whole plan, so an edited
@@ -151,15 +157,18 @@ class Experiment:
             del out["device"]
         if self.plan is not None or not self.quant:  # unquantized keys as before quantization existed
             del out["quant"]
+        else:  # rows of the first revision rounded every layer to nearest: not this revision's results
+            out["quant_rev"] = QUANT_REV
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} | {"quant_rev"}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown experiment fields {sorted(unknown)}; expected {sorted(names)}")
         body = dict(data)
+        body.pop("quant_rev", None)
         if body.get("plan") is not None:  # a plan experiment's dtype and device are its plan's (to_dict)
             from fewstep.plan import Plan
 
