@@ -23,7 +23,9 @@ from fewstep.bench import ResultStore
 from fewstep.cli import main as fewstep
 
 SCHEMES = ("none,int8wo:round=nearest:keep_ends=false,int8wo,fp:e4m3,w4:round=nearest:keep_ends=false,w4,"
-           "w4a8:calibration=trajectory,w4a8:calibration=single")
+           "w4a8:calibration=trajectory,w4a8:calibration=single,w4a8:group=32:calibration=trajectory,"
+           "w4a8:group=32:calibration=single")
+PAIRS = (("w4a8", "per output channel"), ("w4a8:group=32", "one scale per 32 input columns"))
 INT8 = ("int8wo:round=nearest:keep_ends=false", "int8wo")
 SOLVERS = "ddim,dpmpp_2m,unipc,f_ddim"
 STEPS = "5,10,20,50"
@@ -88,20 +90,23 @@ def main() -> None:
                 line = [f"{100 * (by[n]['fd'] / base[n]['fd'] - 1):+.1f}" if n in by and n in base else "-"
                         for n in steps]
                 print(f"| {scheme} | {solver} | " + " | ".join(line) + " |")
-        print(f"\n### {model}: FD increase over float at NFE 20, trajectory vs single-time calibration (w4a8)\n")
-        print("| solver | float FD | w4a8 trajectory | w4a8 single | increase ratio trajectory / single |")
-        print("|---|---|---|---|---|")
-        for solver in args.solvers.split(","):
-            try:
-                base = cells[("none", solver)][20]["fd"]
-                traj = cells[("w4a8:calibration=trajectory", solver)][20]["fd"]
-                single = cells[("w4a8:calibration=single", solver)][20]["fd"]
-            except KeyError:
-                continue
-            ratio = (traj - base) / (single - base) if single != base else float("nan")
-            print(f"| {solver} | {base:.2f} | {traj:.2f} (+{traj - base:.2f}) | {single:.2f} (+{single - base:.2f}) "
-                  f"| {ratio:.2f} |")
-
+        for fmt, what in PAIRS:
+            print(f"\n### {model}: FD increase over float at NFE 20, trajectory vs single-time calibration "
+                  f"({fmt}: 4-bit weights {what})\n")
+            print("| solver | float FD | trajectory | single | increase ratio trajectory / single | "
+                  "error ratio trajectory / single |")
+            print("|---|---|---|---|---|---|")
+            for solver in args.solvers.split(","):
+                try:
+                    base = cells[("none", solver)][20]["fd"]
+                    traj = cells[(f"{fmt}:calibration=trajectory", solver)][20]
+                    single = cells[(f"{fmt}:calibration=single", solver)][20]
+                except KeyError:
+                    continue
+                t, s1 = traj["fd"], single["fd"]
+                ratio = (t - base) / (s1 - base) if s1 != base else float("nan")
+                print(f"| {solver} | {base:.2f} | {t:.2f} ({t - base:+.2f}) | {s1:.2f} ({s1 - base:+.2f}) "
+                      f"| {ratio:.2f} | {traj['quant_error'] / single['quant_error']:.2f} |")
 
 if __name__ == "__main__":
     main()

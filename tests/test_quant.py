@@ -31,6 +31,7 @@ from fewstep.quant import (
     weights_bytes,
 )
 from fewstep.quant import kernels as quant_kernels
+from fewstep.quant.apply import scale_count
 from fewstep.quant.calibration import layer_rows
 from fewstep.quant.formats import absmax_scale
 from fewstep.quant.gptq import gptq_round
@@ -191,6 +192,8 @@ def test_every_listed_scheme_parses():
     ("w8:round=best", "round must be one of gptq, nearest"),
     ("fp8wo:round=gptq", "fp8wo rounds to nearest"),
     ("w8:keep_ends=1", "keep_ends must be true or false"),
+    ("w4:group=0", "group must be a positive number"),
+    ("int8wo:group=32", "takes no knob 'group'"),
     ("int8wo:fast=true", "takes no knob 'fast'"),
     ("w8a8:t=0.5", "calibration=single"),
     ("w8a8:calibration=sometimes", "trajectory, single"),
@@ -645,3 +648,31 @@ def test_gptq_int8wo_is_much_closer_to_float_than_round_to_nearest():
     err = {k: float((run(d) - ref).flatten(1).square().mean(1).sqrt().mean()) for k, d in
            (("gptq", gptq), ("near", near))}
     assert err["gptq"] < err["near"] / 3, err
+
+
+def test_group_scales_put_each_group_of_columns_on_its_own_grid(unet_s):
+    """group=G: one scale per G consecutive input columns of each output channel (channel-major, then kernel
+    positions), counted in the weights' bytes; a group as wide as the layer is per-channel quantization."""
+    q = quantize(unet_s, "w4:group=16:keep_ends=false")
+    total = 4 * sum(p.numel() for p in unet_s.model.parameters())
+    for name, layer in target_layers(unet_s.model):
+        w0, w = layer.weight.detach(), q.model.get_submodule(name).weight.detach()
+        cols, cols0 = w.flatten(1), w0.flatten(1)
+        for chunk, chunk0 in zip(cols.split(16, 1), cols0.split(16, 1), strict=True):
+            assert torch.allclose(quantize_int(chunk, 4, scale=absmax_scale(chunk0, 7, axis=0)), chunk, rtol=1e-6,
+                                  atol=0), name
+        groups = w.shape[0] * math.ceil(cols.shape[1] / 16)
+        assert q.quant.layers[name].scales == groups == scale_count(w0, None, 16)
+        total += math.ceil(w.numel() / 2) + 4 * groups - 4 * w.numel()
+    assert weights_bytes(q) == total
+    wide = max(layer.weight[0].numel() for _, layer in target_layers(unet_s.model))
+    same = quantize(unet_s, f"w4:group={wide}")
+    plain = quantize(unet_s, "w4")
+    for name, _ in target_layers(unet_s.model):
+        assert torch.equal(same.model.get_submodule(name).weight, plain.model.get_submodule(name).weight), name
+    err = {}
+    for scheme in ("w4", "w4:group=16"):
+        d = quantize(unet_s, scheme)
+        err[scheme] = sum(float((d.model.get_submodule(n).weight - m.weight).detach().square().sum())
+                          for n, m in target_layers(unet_s.model))
+    assert err["w4:group=16"] < 0.8 * err["w4"]

@@ -30,8 +30,8 @@ from fewstep.quant.kernels import apply_kernel
 from fewstep.quant.records import LayerQuant, QuantInfo
 from fewstep.quant.schemes import Scheme, parse_scheme
 
-__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "ends_of", "quantize", "round_to", "scale_matrix",
-           "weights_bytes"]
+__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "ends_of", "quantize", "round_to", "scale_count",
+           "scale_matrix", "weights_bytes"]
 
 CALIBRATION_KEYS = ("solver", "steps", "seeds", "cond", "shape", "grid")
 """What ``calibration=`` may hold: :func:`fewstep.quant.calibrate`'s run (``solver`` and ``steps`` required)."""
@@ -185,14 +185,26 @@ def _rewrap(den: Denoiser, inner: QuantizedDenoiser) -> Denoiser:
 
 # --- fake quantization --------------------------------------------------------------------------------------------
 
-def scale_matrix(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+def scale_matrix(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None = None, group: int | None = None
+                 ) -> torch.Tensor:
     """Per-element scales of ``w``'s rows x columns matrix (``w.flatten(1)``): per output channel, and per input
-    part (channel ``sizes`` along axis 1) for a layer fed a concatenation, ``max |w| / fmt.max_value`` over that
-    channel's (part's) weights."""
+    part (channel ``sizes`` along axis 1) for a layer fed a concatenation, and per ``group`` consecutive columns of
+    a part (``None``: the whole part), ``max |w| / fmt.max_value`` over those weights of the channel."""
     parts = (w,) if sizes is None else w.split(sizes, 1)
     top = fmt.max_value
-    scales = [absmax_scale(p, top, axis=0).expand_as(p) for p in parts]
-    return torch.cat(scales, 1).flatten(1) if len(scales) > 1 else scales[0].flatten(1)
+    scales = []
+    for p in parts:
+        cols = p.flatten(1)
+        for chunk in (cols,) if group is None else cols.split(group, 1):
+            scales.append(absmax_scale(chunk, top, axis=0).expand_as(chunk))
+    return torch.cat(scales, 1)
+
+
+def scale_count(w: torch.Tensor, sizes: tuple[int, ...] | None = None, group: int | None = None) -> int:
+    """How many scales :func:`scale_matrix` stores for ``w``: output channels x parts x groups per part."""
+    per_channel = w[0].numel() // w.shape[1]  # kernel positions per input channel
+    widths = [w.shape[1]] if sizes is None else list(sizes)
+    return w.shape[0] * sum(1 if group is None else math.ceil(c * per_channel / group) for c in widths)
 
 
 def round_to(x: torch.Tensor, scales: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -202,11 +214,11 @@ def round_to(x: torch.Tensor, scales: torch.Tensor, fmt: Format) -> torch.Tensor
     return quantize_fp(x, fmt.exp_bits, fmt.man_bits, scale=scales)
 
 
-def _fake_round(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None, hessian: torch.Tensor | None
-                ) -> torch.Tensor:
-    """``w`` on ``fmt``'s grid (per output channel and part): to nearest, or by GPTQ under ``hessian``."""
+def _fake_round(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None, hessian: torch.Tensor | None,
+                group: int | None = None) -> torch.Tensor:
+    """``w`` on ``fmt``'s grid (per output channel, part and group): to nearest, or by GPTQ under ``hessian``."""
     w2 = w.detach().flatten(1)
-    scales = scale_matrix(w.detach(), fmt, sizes)
+    scales = scale_matrix(w.detach(), fmt, sizes, group)
     if hessian is None:
         q = round_to(w2, scales, fmt)
     else:
@@ -214,7 +226,7 @@ def _fake_round(w: torch.Tensor, fmt: Format, sizes: tuple[int, ...] | None, hes
     return q.view_as(w).to(w.dtype)
 
 
-def _search(w: torch.Tensor, bits: int, sizes: tuple[int, ...] | None) -> FPFormat:
+def _search(w: torch.Tensor, bits: int, sizes: tuple[int, ...] | None, group: int | None) -> FPFormat:
     """The ``E<e>M<bits-1-e>`` format (``e = 1 .. bits - 1``) with the least weight MSE rounded to nearest
     (*LLM-FP4: 4-Bit Floating-Point Quantized Transformers*, Liu et al., EMNLP 2023, search the exponent width per
     layer; ties go to the fewer exponent bits)."""
@@ -222,7 +234,7 @@ def _search(w: torch.Tensor, bits: int, sizes: tuple[int, ...] | None) -> FPForm
     ref = w.detach().double()
     for e in range(1, bits):
         fmt = FPFormat(e, bits - 1 - e)
-        err = float((_fake_round(w, fmt, sizes, None).double() - ref).square().mean())
+        err = float((_fake_round(w, fmt, sizes, None, group).double() - ref).square().mean())
         if err < best_err:
             best, best_err = fmt, err
     assert best is not None
@@ -242,12 +254,12 @@ def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None,
         sizes = ranges.splits.get(name) if ranges is not None else None
         # a grouped conv's weight does not span the concatenated channels: only its input is split
         w_sizes = sizes if sizes is not None and w.shape[1] == sum(sizes) else None
-        fmt: Format = _search(w, scheme.search_bits, w_sizes) if scheme.search_bits else scheme.weight
+        fmt: Format = _search(w, scheme.search_bits, w_sizes, scheme.group) if scheme.search_bits else scheme.weight
         hessian = None if hessians is None else hessians.get(name)
         if hessians is not None and hessian is None:
             nearest[name] = NEVER_RAN
         with torch.no_grad():
-            w.copy_(_fake_round(w, fmt, w_sizes, hessian))
+            w.copy_(_fake_round(w, fmt, w_sizes, hessian, scheme.group))
         act = None
         if scheme.act is not None and ranges is not None:
             if name in ranges.ranges:
@@ -255,8 +267,7 @@ def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None,
                 act = scheme.act.name
             else:
                 skipped[name] = "input not quantized: the layer never ran during calibration"
-        parts = 1 if w_sizes is None else len(w_sizes)
-        layers[name] = LayerQuant(fmt.name, fmt.bits, w.shape[0] * parts, act, sizes)
+        layers[name] = LayerQuant(fmt.name, fmt.bits, scale_count(w, w_sizes, scheme.group), act, sizes)
     return layers, skipped, nearest
 
 

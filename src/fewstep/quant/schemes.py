@@ -17,6 +17,9 @@ Knobs of every scheme:
   error on the weights not yet rounded, under Hessians of the layer inputs gathered over the calibration run
   (:mod:`fewstep.quant.gptq`); ``nearest`` rounds each weight alone (what torchao's ``quantize_`` does). Default:
   ``gptq`` when a calibration run is given, ``nearest`` without one (``fp8wo``: always ``nearest``).
+* ``group=G`` (fake-quant weight formats): one scale per ``G`` consecutive input columns of each output channel
+  (a convolution's columns are channel-major, then kernel positions) instead of one per channel; more scales stored
+  (``4 / G`` bytes a weight), less rounding error at low widths (the groups of GPTQ and AWQ's 4-bit weights).
 * ``keep_ends=true`` (default) or ``false``: the layers that read the noisy input and write the prediction (the
   family's ``ends``: ``conv_in``/``conv_out``, a transformer's patch embedding and output projection) stay in
   float, as Q-Diffusion and most post-training quantization keep the first and last layers. They hold a tiny share
@@ -90,6 +93,7 @@ class Scheme:
     split: bool = True
     round: str | None = None  # None: gptq when calibrated, nearest otherwise
     keep_ends: bool = True
+    group: int | None = None  # fake-quant weights: input columns per scale (None: one scale per output channel)
 
     @property
     def calibrated(self) -> bool:
@@ -159,6 +163,11 @@ def parse_scheme(text: str) -> Scheme:
         raise ValueError("fp8wo rounds to nearest (GPTQ onto torchao's float8 tensors is not built); "
                          "fp:e4m3:round=gptq simulates it")
     keep_ends = _bool("keep_ends", knobs.pop("keep_ends", True))
+    group = None
+    if "group" in knobs and kernel is None:
+        group = knobs.pop("group")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"group must be a positive number of input columns per scale, got {group!r}")
     calibration, t, split = "trajectory", None, True
     calibratable = act is not None or (rnd != "nearest" and kernel != "fp8wo")
     if calibratable:
@@ -178,7 +187,7 @@ def parse_scheme(text: str) -> Scheme:
         extra = "" if calibratable else " (calibration knobs are for calibrated schemes: activations, round=gptq)"
         raise ValueError(f"{what} {name!r} takes no knob {sorted(knobs)[0]!r}{extra}")
     return Scheme(text=text.strip(), kernel=kernel, weight=weight, act=act, search_bits=search_bits,
-                  calibration=calibration, t=t, split=split, round=rnd, keep_ends=keep_ends)
+                  calibration=calibration, t=t, split=split, round=rnd, keep_ends=keep_ends, group=group)
 
 
 def _int_format(digits: str, what: str, text: str) -> IntFormat:
