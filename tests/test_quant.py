@@ -30,6 +30,7 @@ from fewstep.quant import (
     target_layers,
     weights_bytes,
 )
+from fewstep.quant import calibration as quant_calibration
 from fewstep.quant import kernels as quant_kernels
 from fewstep.quant.apply import scale_count
 from fewstep.quant.calibration import layer_rows
@@ -676,3 +677,15 @@ def test_group_scales_put_each_group_of_columns_on_its_own_grid(unet_s):
         err[scheme] = sum(float((d.model.get_submodule(n).weight - m.weight).detach().square().sum())
                           for n, m in target_layers(unet_s.model))
     assert err["w4:group=16"] < 0.8 * err["w4"]
+
+
+def test_hessians_of_an_unbatched_convolution_take_every_channel():
+    """A convolution fed one unbatched (C, H, W) input keeps all its channels: the sample stride applies to batches."""
+    conv = nn.Conv2d(6, 4, 3, padding=1)
+    session = quant_calibration._Session(split=False, hessians=4096, hessian_samples=2)
+    obs = quant_calibration._Observer(session)
+    session.active = True
+    x = torch.randn(6, 5, 5, generator=torch.Generator().manual_seed(0))
+    obs(conv, (x,))
+    rows = layer_rows(conv, x.float())
+    assert obs.rows == 25 and torch.allclose(obs.xtx, (rows.T @ rows).double())

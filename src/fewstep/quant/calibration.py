@@ -186,7 +186,8 @@ class _Observer:
         if columns(layer) > self.session.hessians:
             self.no_hessian = f"{columns(layer)} input columns, over the Hessian limit of {self.session.hessians}"
             return
-        stride = -(-x.shape[0] // self.session.hessian_samples) if x.ndim > 1 else 1
+        batched = x.ndim == 4 if isinstance(layer, nn.Conv2d) else x.ndim > 1  # an unbatched conv input is C, H, W
+        stride = -(-x.shape[0] // self.session.hessian_samples) if batched else 1
         x = x[::stride] if stride > 1 else x  # every k-th sample: both halves of a batched guided pass
         # products in the input's precision (float32 at least), summed over evaluations in float64
         r = layer_rows(layer, x if x.dtype == torch.float64 else x.float())
