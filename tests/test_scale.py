@@ -142,6 +142,27 @@ def test_a_reference_claimed_by_another_sweep_is_awaited_not_solved_again(tmp_pa
     assert torch.equal(got, ref)
 
 
+def test_a_reference_stored_between_the_look_and_the_claim_is_not_solved_again(tmp_path, monkeypatch):
+    """The other sweep stores the reference and releases its claim after this one found no reference and before it
+    claims: the claim succeeds, and the stored reference is used, not solved a second time."""
+    import fewstep.bench.runner as runner
+    from fewstep.bench import Experiment, ResultStore
+
+    exp = Experiment("unet_s", "ddim", 3, seeds="0-1")
+    other, mine = ResultStore(tmp_path / "r.sqlite"), ResultStore(tmp_path / "r.sqlite")
+    ref = torch.full((2, 1, 8, 8), 0.5)
+    claim = mine.claim
+
+    def late_claim(token, **kw):
+        if mine.reference(exp.model, exp.seeds) is None:
+            other.put_reference(exp.model, exp.seeds, ref, 7)
+        return claim(token, **kw)
+
+    monkeypatch.setattr(mine, "claim", late_claim)
+    monkeypatch.setattr(runner, "pf_ode_reference", lambda *a, **k: pytest.fail("solved twice"))
+    assert torch.equal(runner.Context(mine).reference(exp), ref)
+
+
 def test_fd_of_a_folder(tmp_path, capsys):
     from fewstep.bench.metrics import DigitsFD
 

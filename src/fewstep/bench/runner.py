@@ -107,6 +107,9 @@ class Context:
                 time.sleep(0.5)
                 continue
             try:
+                cached = self.store.reference(exp.model, exp.seeds)  # another sweep may have stored it since we looked
+                if cached is not None:
+                    return cached[0]
                 den = self.model(exp.model)
                 x_start = self._noise(exp.model, exp.seeds, device="cpu", dtype="float32")
                 ref, nfe = pf_ode_reference(den, x_start, den.schedule.t_max)
