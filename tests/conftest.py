@@ -31,3 +31,13 @@ def gmm_problem():
     t0, t1 = sched.inverse_lam(-5.0), sched.inverse_lam(4.0)
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return den, t0, t1, x, den.reference(x, t0, t1)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """A tiny random-weight StableDiffusionPipeline saved to disk (tests/tiny_pipelines.py), shared read-only by the
+    tests that load it: copy it before changing anything in it."""
+    pytest.importorskip("transformers")
+    from tiny_pipelines import stable_diffusion
+
+    return stable_diffusion(tmp_path_factory.mktemp("pipes") / "sd")

@@ -9,12 +9,6 @@ pytest.importorskip("transformers")
 
 from fewstep.cli import main  # noqa: E402
 from fewstep.pipelines import generate, load_pipeline, use_fewstep  # noqa: E402
-from tiny_pipelines import stable_diffusion  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return stable_diffusion(tmp_path_factory.mktemp("pipes") / "sd")
 
 
 def test_generate_writes_an_rgb_grid(sd_folder, tmp_path, capsys):

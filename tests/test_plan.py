@@ -132,12 +132,6 @@ def test_cli_sample_runs_a_plan(tmp_path, capsys):
     assert not (tmp_path / "c.npz").exists()
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    pytest.importorskip("transformers")
-    return tiny.stable_diffusion(tmp_path_factory.mktemp("pipes") / "sd")
-
-
 def test_cli_generate_runs_a_plan(sd_folder, tmp_path, capsys):
     """``generate --plan`` = the same flags: solver, named grid and steps, cache and guidance on the pipeline, dtype
     as the weights'; and explicit times (here the karras grid's own) = that named grid."""

@@ -191,13 +191,9 @@ def test_bench_quantized_plan_rows(tmp_path, capsys):
 # ---------------------------------------------------------------- fewstep generate --quant
 
 
-def test_generate_quantizes_the_pipelines_network(tmp_path_factory, capsys):
-    pytest.importorskip("transformers")
-    from tiny_pipelines import stable_diffusion
-
-    folder = stable_diffusion(tmp_path_factory.mktemp("pipes") / "sd")
+def test_generate_quantizes_the_pipelines_network(sd_folder, tmp_path_factory, capsys):
     out = tmp_path_factory.mktemp("out")
-    argv = ["generate", "--pipeline", str(folder), "--prompt", "a cat", "--solver", "ddim", "--steps", "3",
+    argv = ["generate", "--pipeline", str(sd_folder), "--prompt", "a cat", "--solver", "ddim", "--steps", "3",
             "--seeds", "0-1", "--quiet"]
     assert main([*argv, "--out", str(out / "f.npz")]) == 0
     assert main([*argv, "--quant", "w16", "--out", str(out / "w16.npz")]) == 0
@@ -211,6 +207,6 @@ def test_generate_quantizes_the_pipelines_network(tmp_path_factory, capsys):
         assert np.abs(b["latents"] - f["latents"]).max() < 0.2 * scale
     plan = out / "plan.json"
     Plan(model="unet_s", solver="ddim", grid="logsnr", steps=3, quant="int8wo").save(plan)
-    assert main(["generate", "--pipeline", str(folder), "--prompt", "a cat", "--plan", str(plan), "--seeds", "0-1",
+    assert main(["generate", "--pipeline", str(sd_folder), "--prompt", "a cat", "--plan", str(plan), "--seeds", "0-1",
                  "--quiet", "--out", str(out / "p.npz")]) == 0
     assert "network int8wo (" in capsys.readouterr().out
