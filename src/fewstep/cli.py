@@ -580,16 +580,14 @@ def _digits_fd(den: Any) -> Any:
 
 def cmd_fd(args: argparse.Namespace) -> int:
     from fewstep.bench.metrics import DigitsFD
-    from fewstep.shards import MANIFEST
+    from fewstep.shards import MANIFEST, read_manifest
 
     folder = Path(args.folder)
     if not (folder / MANIFEST).is_file():
         raise ValueError(f"{folder} is not a shard folder (no {MANIFEST}); write one with fewstep sample --out DIR")
-    import json
-
     try:
-        shape = json.loads((folder / MANIFEST).read_text())["run"]["shape"]
-    except (OSError, ValueError, KeyError, TypeError):
+        shape = read_manifest(folder)["run"]["shape"]
+    except (ValueError, KeyError, TypeError):
         raise ValueError(f"{folder / MANIFEST} is not a fewstep shard manifest") from None
     if list(shape) != [1, 8, 8]:
         raise ValueError(f"the digits FD takes 1x8x8 samples; {folder} holds {'x'.join(map(str, shape))}")

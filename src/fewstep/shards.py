@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "ShardFolder", "StreamingMoments", "read_shards", "save_samples"]
+__all__ = ["FORMAT", "ShardFolder", "StreamingMoments", "read_manifest", "read_shards", "save_samples"]
 
 FORMAT = "fewstep.shards/1"
 MANIFEST = "manifest.json"
@@ -122,16 +122,22 @@ def save_samples(path: str | os.PathLike, samples: np.ndarray, seeds: Sequence[i
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def read_shards(folder: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(seeds, samples)`` of each shard of a complete shard folder, in seed order; a missing shard raises."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a shard folder (:meth:`ShardFolder.manifest`), or a one-line ``ValueError``."""
+    manifest = Path(folder) / MANIFEST
     try:
         data = json.loads(manifest.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{folder} is not a shard folder ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{manifest} is not a fewstep shard manifest")
+    return data
+
+
+def read_shards(folder: str | os.PathLike) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(seeds, samples)`` of each shard of a complete shard folder, in seed order; a missing shard raises."""
+    folder = Path(folder)
+    data = read_manifest(folder)
     missing = [name for name in data["shards"] if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"{folder} is incomplete: {len(missing)} of {len(data['shards'])} shards missing "
