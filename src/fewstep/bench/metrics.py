@@ -70,7 +70,9 @@ class DigitsFD:
 
     def of_shards(self, folder: str | Path) -> tuple[float, int]:
         """The FD of a shard folder's samples (:mod:`fewstep.shards`), its feature moments accumulated one shard
-        at a time: equal to the FD of all samples at once up to float64 round-off. Returns it and the count."""
+        at a time: equal to the FD of the same features' moments taken at once up to float64 round-off (the
+        classifier's float32 features of a sample may differ in the last bits with the batch it is in). Returns it
+        and the count."""
         from fewstep.shards import folder_moments
 
         moments, n = folder_moments(folder, self.features)
