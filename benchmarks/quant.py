@@ -107,6 +107,28 @@ def main() -> None:
                 ratio = (t - base) / (s1 - base) if s1 != base else float("nan")
                 print(f"| {solver} | {base:.2f} | {t:.2f} ({t - base:+.2f}) | {s1:.2f} ({s1 - base:+.2f}) "
                       f"| {ratio:.2f} | {traj['quant_error'] / single['quant_error']:.2f} |")
+    _calibration_times(args.models.split(","), [int(n) for n in args.steps.split(",")])
+
+
+def _calibration_times(models: list[str], steps: list[int]) -> None:
+    """Seconds to quantize with calibration (``int8wo``: the calibration run with Hessians, GPTQ, torchao), once per
+    plan and not part of the rows' wall time: DDIM on the benchmark's grid, calibrate's default seeds, one thread."""
+    import time
+
+    from fewstep.quant import quantize
+    from fewstep.zoo import load
+
+    print("\n### Calibration: seconds to quantize int8wo with calibration, once per plan (DDIM)\n")
+    print("| model | " + " | ".join(f"NFE {n}" for n in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for model in models:
+        den, line = load(model), []
+        for n in steps:
+            t0 = time.perf_counter()
+            quantize(den, "int8wo", calibration=dict(solver="ddim", steps=n, grid="time_quadratic"))
+            line.append(f"{time.perf_counter() - t0:.1f}")
+        print(f"| {model} | " + " | ".join(line) + " |")
+
 
 if __name__ == "__main__":
     main()
