@@ -22,7 +22,9 @@ import torch
 from fewstep.schedules import NoiseSchedule
 
 __all__ = [
+    "DEFAULT_GRID",
     "GRIDS",
+    "check_steps",
     "explicit",
     "karras",
     "logsnr",
@@ -50,7 +52,9 @@ def _bounds(schedule: NoiseSchedule, t_start: float | None, t_end: float | None)
     return t_start, t_end
 
 
-def _check_steps(steps: int) -> int:
+def check_steps(steps: int) -> int:
+    """``steps`` as an ``int``, checked: an integer (not a bool) from 1 to :data:`MAX_STEPS`, else ``TypeError`` /
+    ``ValueError``. Every grid checks its step count with it, and so does anything that hands a step count on."""
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
@@ -74,7 +78,7 @@ def _spaced(
     t_end: float | None,
     warp: Callable[[np.ndarray, float, float], np.ndarray],
 ) -> torch.Tensor:
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     t_start, t_end = _bounds(schedule, t_start, t_end)
     n = steps if to_zero else steps + 1
     if n == 1:
@@ -165,7 +169,7 @@ def trailing(
     ``t_start`` down to 0 itself, so the last model evaluation is at ``t_start / steps`` rather than at ``t_min``
     (no evaluation is spent on the almost-clean end). Always denoises to zero; needs ``t_start / steps >= t_min``.
     """
-    steps = _check_steps(steps)
+    steps = check_steps(steps)
     if not to_zero or t_end is not None:
         raise ValueError("trailing spacing always ends at t = 0 (use time_uniform for other end points)")
     t_start, _ = _bounds(schedule, t_start, None)
@@ -205,12 +209,17 @@ def validate_grid(schedule: NoiseSchedule, grid: torch.Tensor) -> None:
 
 
 GRIDS: dict[str, GridFn] = {
-    "time_uniform": time_uniform,
     "time_quadratic": time_quadratic,
+    "trailing": trailing,
     "logsnr": logsnr,
     "karras": karras,
-    "trailing": trailing,
+    "time_uniform": time_uniform,
 }
+"""The registered grids, the default first (the order ``fewstep tune`` measures them in)."""
+
+DEFAULT_GRID = "time_quadratic"
+"""The one default grid of every run description (:class:`fewstep.plan.Plan`, :func:`fewstep.sample`, the bench's
+experiments, calibration runs): the most accurate at 10-20 NFE on the zoo models."""
 
 
 def make_grid(name: str, schedule: NoiseSchedule, steps: int, **knobs: float | bool | None) -> torch.Tensor:

@@ -21,17 +21,20 @@ identity and ``init_noise_sigma`` is the prior's standard deviation at the first
 Per-run state (the grid, the solver's state, the outputs of the current step) is made by :meth:`set_timesteps`
 and lives nowhere else; two schedulers share nothing.
 
-:func:`diffusers_kwargs` goes the other way: a plan's times for a diffusers scheduler's own solver
-(``pipe(prompt, **diffusers_kwargs(plan, pipe.scheduler))``).
+This module is also the public home of :func:`diffusers_kwargs`, which goes the other way: a plan's times for a
+diffusers scheduler's own solver (``pipe(prompt, **diffusers_kwargs(plan, pipe.scheduler))``). It lives in
+:mod:`fewstep.scheduler_export` and is re-exported here.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
@@ -41,8 +44,17 @@ from diffusers.utils.torch_utils import randn_tensor
 from fewstep.grids import explicit, make_grid
 from fewstep.models.adapter import EDM_PREDICTIONS, ModelDenoiser
 from fewstep.models.retime import Retimed
+from fewstep.models.scheduler_config import (
+    diffusers_grid,
+    native_time_from_config,
+    schedule_from_config,
+    time_from_native,
+    times_of_sigmas,
+)
+from fewstep.scheduler_export import diffusers_kwargs
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
 from fewstep.solvers import Solver, Step, make_solver
+from fewstep.zoo import load
 
 __all__ = ["FewstepScheduler", "diffusers_kwargs"]
 
@@ -76,7 +88,8 @@ class _Recorder:
     """A dry-run model: a fixed linear denoiser that records every evaluation time."""
 
     def __init__(self, schedule: NoiseSchedule) -> None:
-        self.schedule, self.times = schedule, []
+        self.schedule = schedule
+        self.times: list[float] = []
 
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         self.times.append(t)
@@ -121,11 +134,10 @@ class _RunState:
     returned: torch.Tensor | None = None  # what the last step returned: the pipeline's latents unless it edits them
 
 
-def native_time_of(config: Mapping[str, Any], schedule: NoiseSchedule) -> tuple[Any, Any]:
+def native_time_of(config: Mapping[str, Any],
+                   schedule: NoiseSchedule) -> tuple[Callable[[float], float], Callable[[float], float]]:
     """``(to_native, from_native)``: fewstep time ``t`` <-> the timestep diffusers feeds the network, as the base
     scheduler's config defines it (:mod:`fewstep.models.scheduler_config`)."""
-    from fewstep.models.scheduler_config import native_time_from_config, time_from_native
-
     return native_time_from_config(config, schedule), time_from_native(config, schedule)
 
 
@@ -142,22 +154,12 @@ def _onto_table(schedule: DiscreteVP, sigmas: list[float]) -> list[float]:
     return out
 
 
-def _schedule(config: Mapping[str, Any], *, mu: float | None) -> tuple[NoiseSchedule, str]:
-    from fewstep.models.scheduler_config import schedule_from_config
-
-    return schedule_from_config(config, mu=mu)
-
-
 def _infer_base_class(config: Mapping[str, Any]) -> str:
     """The diffusers scheduler class whose ``__init__`` takes exactly the keys of ``config``.
 
     A scheduler made in code keeps no class name in its ``.config`` (one loaded from a folder does), but its config
     holds exactly its ``__init__`` parameters, which tells the class. Variants with the same parameters and the
     same timesteps (``DDIMParallelScheduler``, ...) give way to the plain one; other ties are refused."""
-    import inspect
-
-    import diffusers
-
     keys = {k for k in config if not k.startswith("_")}
     found = []
     for name in dir(diffusers):
@@ -207,7 +209,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._base_class = base_scheduler
         self._base = {**base, "_class_name": base_scheduler}
         # The schedule; with dynamic shifting it depends on the image size, so it is made per run from ``mu``.
-        self._schedule, self._prediction = _schedule(self._base, mu=0.0 if base.get("use_dynamic_shifting") else None)
+        mu = 0.0 if base.get("use_dynamic_shifting") else None
+        self._schedule, self._prediction = schedule_from_config(self._base, mu=mu)
         self._native = native_time_of(self._base, self._schedule)
         if base.get("thresholding"):
             raise ValueError("thresholding=True (dynamic thresholding of x0) in the base scheduler config is not "
@@ -284,8 +287,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"a scheduler does not quantize; quantize the pipeline's network with "
                              f"fewstep.quantize (scheme {plan.quant!r}) and drop the plan's quant")
         if config is None:
-            from fewstep.zoo import load
-
             config = load(plan.model).scheduler_config
         if plan.times is not None:
             model_times = getattr(plan, "model_times", None)
@@ -355,7 +356,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if mu is None:
                 raise ValueError("use_dynamic_shifting: the flow shift depends on the image size; pass mu= (the "
                                  "pipelines do)")
-            schedule = _schedule(self._base, mu=mu)[0]
+            schedule = schedule_from_config(self._base, mu=mu)[0]
             time_maps = native_time_of(self._base, schedule)
         to_native, from_native = time_maps
         if timesteps is not None and sigmas is not None:
@@ -411,28 +412,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _base_times(self, schedule: NoiseSchedule, steps: int | None, **kwargs: Any) -> list[float]:
         """The base scheduler's own grid (its ``set_timesteps(steps, **kwargs)``) as fewstep times."""
-        from fewstep.models.scheduler_config import diffusers_grid
-
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return diffusers_grid(self._base, schedule, steps, **kwargs).tolist()
 
-    def _custom_times(self, schedule: NoiseSchedule, from_native: Any, timesteps: Sequence[float] | None,
-                      sigmas: Sequence[float] | None, mu: float | None) -> list[float]:
+    def _custom_times(self, schedule: NoiseSchedule, from_native: Callable[[float], float],
+                      timesteps: Sequence[float] | None, sigmas: Sequence[float] | None,
+                      mu: float | None) -> list[float]:
         """Given ``timesteps=`` / ``sigmas=``: what the base scheduler makes of them where it takes them (flow
         schedulers shift given sigmas, for instance); else native timesteps (or k-diffusion sigmas of a VP model)
         converted directly, the last step denoising to zero."""
-        import inspect
-
-        import diffusers
-
         takes = inspect.signature(getattr(diffusers, self._base_class).set_timesteps).parameters
         if sigmas is not None and isinstance(schedule, DiscreteVP):
             sigmas = _onto_table(schedule, [float(v) for v in sigmas])
         given = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas}
         if next(iter(given)) in takes:
             return self._base_times(schedule, None, mu=mu, **{k: list(map(float, v)) for k, v in given.items()})
-        from fewstep.models.scheduler_config import times_of_sigmas
-
         if timesteps is not None:  # evaluation points; the last step denoises to zero, as DDIM-style schedulers do
             times = [from_native(float(v)) for v in timesteps]
             times += [] if times[-1] == 0.0 else [0.0]
@@ -559,113 +553,3 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Flow pipelines' name for :meth:`add_noise` (``sigma noise + (1 - sigma) sample``)."""
         return self.add_noise(sample, noise, timestep)
 
-
-# ---------------------------------------------------------------------------------- a plan for diffusers' own solvers
-
-
-def diffusers_kwargs(plan: Any, scheduler: Any, *, mu: float | None = None) -> dict[str, list[float] | list[int]]:
-    """The ``set_timesteps`` keyword arguments that make a diffusers scheduler sample on a plan's times with its
-    *own* solver: ``pipe(prompt, **diffusers_kwargs(plan, pipe.scheduler))``.
-
-    Only the times travel: the plan's explicit ``times``, or its named grid made on the schedule of the scheduler's
-    config (:func:`fewstep.models.scheduler_config.schedule_from_config`). The plan's solver, cache and guidance are
-    not a diffusers scheduler's to run (:meth:`FewstepScheduler.from_plan` runs the solver too). The values are in
-    the scheduler's own convention, and diffusers itself has the last word: a fresh copy of the scheduler runs
-    ``set_timesteps`` with them, and the grid it makes (:func:`fewstep.models.scheduler_config.diffusers_grid`)
-    must be the plan's, with one network evaluation per step start.
-
-    * ``{"sigmas": [...]}`` where the scheduler takes sigmas. Beta tables (``EulerDiscreteScheduler``): the
-      k-diffusion sigmas ``sigma / alpha`` of every time, the plan's final 0 (or ``sigma_min``) included, since
-      Euler evaluates at all sigmas but the last. Flow matching (``FlowMatchEulerDiscreteScheduler``): the flow
-      sigmas *before* the scheduler's shift, which are the times ``t`` themselves (diffusers shifts given sigmas,
-      by ``shift`` or by the pipeline's ``mu``); evaluation points only, as it appends the final sigma 0 itself.
-      (``UniPCMultistepScheduler`` takes sigmas only with ``use_flow_sigmas=True``, and then as an array only:
-      refused.)
-    * ``{"timesteps": [...]}`` where only integer timesteps are taken (``DPMSolverMultistepScheduler``,
-      ``DPMSolverSinglestepScheduler``, ``HeunDiscreteScheduler``, ``DDPMScheduler``, ``LCMScheduler``,
-      ``TCDScheduler``): the times are **rounded to training steps** (refused where two round to the same step);
-      evaluation points only, the scheduler ending where its config says (``final_sigmas_type``: ``"zero"`` for
-      a plan ending at 0, ``"sigma_min"`` for one ending at ``t_min``).
-
-    Refused with a ``ValueError``: a plan with ``model_times`` (LD3-style decoupled network times: diffusers'
-    schedulers evaluate the network where they step), a scheduler whose ``set_timesteps`` takes neither keyword
-    (DDIM, DEIS, PNDM, the EDM schedulers, ...), or one that, so configured, does not sample on the plan's times.
-    ``mu``: the dynamic shift of a ``use_dynamic_shifting`` config, needed only to make a named grid (explicit
-    times are unshifted sigmas, the same whatever the pipeline's ``mu``).
-    """
-    import inspect
-
-    import diffusers
-
-    from fewstep.models.scheduler_config import EDM_SCHEDULERS, _as_config, _scheduler, diffusers_grid
-
-    if getattr(plan, "model_times", None) is not None:
-        raise ValueError("diffusers' schedulers evaluate the network at the times they step to, so a plan with "
-                         "model_times cannot be exported; use FewstepScheduler.from_plan(plan, pipe.scheduler)")
-    cfg = _as_config(scheduler)
-    name = cfg.get("_class_name")
-    if name == FewstepScheduler.__name__:
-        raise ValueError("a FewstepScheduler runs a plan itself: FewstepScheduler.from_plan(plan, pipe.scheduler)")
-    if not name or not isinstance(getattr(diffusers, str(name), None), type):
-        raise ValueError("diffusers_kwargs needs the diffusers scheduler itself (pipe.scheduler) or a config with "
-                         "its _class_name")
-    if name in EDM_SCHEDULERS:
-        raise ValueError(f"diffusers' {name} takes no sigmas (EDMEulerScheduler's sigmas= is a ramp through its "
-                         "sigma_schedule); use FewstepScheduler.from_plan(plan, pipe.scheduler)")
-    takes = inspect.signature(getattr(diffusers, name).set_timesteps).parameters
-    keys = [k for k in ("sigmas", "timesteps") if k in takes]
-    if not keys:
-        raise ValueError(f"diffusers' {name}.set_timesteps takes neither sigmas= nor timesteps=; use "
-                         "FewstepScheduler.from_plan(plan, pipe.scheduler) to sample on the plan's times")
-    schedule, times, mu = _plan_times(plan, cfg, mu)
-    refusals = []
-    for key in keys:
-        if key == "sigmas":  # sigma / alpha of a beta table; the unshifted flow sigma, t itself
-            values: list = [schedule.sigma(t) / schedule.alpha(t) if t > 0 else 0.0 for t in times] if isinstance(
-                schedule, DiscreteVP) else list(times)
-            expected = times
-        elif isinstance(schedule, DiscreteVP):
-            values = [round(schedule.sigma_index(t)) for t in times if t > 0]
-            merged = [(a, b) for a, b, n, m in zip(times, times[1:], values, values[1:], strict=False) if n == m]
-            if merged:
-                raise ValueError(f"diffusers' {name} takes integer timesteps only, and rounded to training steps the "
-                                 f"plan's times {merged[0][0]:g} and {merged[0][1]:g} fall on the same step")
-            expected = [schedule.time_of_index(n) for n in values] + ([0.0] if times[-1] == 0.0 else [])
-        else:
-            refusals.append(f"timesteps=: integer training steps of a beta table, not of {schedule!r}")
-            continue
-        # evaluation points only (the scheduler appends the end), or every time (it takes the end in the list)
-        for given in (values[: len(times) - 1], values) if len(values) == len(times) else (values,):
-            kwargs = {key: given}
-            try:
-                grid = diffusers_grid(cfg, schedule, None, **kwargs, **({} if mu is None else {"mu": mu})).tolist()
-                fresh = _scheduler(cfg)
-                fresh.set_timesteps(**kwargs, **({} if mu is None else {"mu": mu}))
-            except (ValueError, TypeError) as err:  # refused by diffusers (UniPC: flow sigmas only, as an array)
-                refusals.append(f"{key}=: {str(err).splitlines()[0]}")
-                continue
-            evaluations = len(set(fresh.timesteps.tolist()))
-            if evaluations == len(times) - 1 and len(grid) == len(expected) and all(
-                    math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) for a, b in zip(grid, expected, strict=True)):
-                return kwargs
-            refusals.append(f"{key}= gives {evaluations} evaluations on times {[round(t, 5) for t in grid]}")
-    raise ValueError(f"diffusers' {name}, so configured, does not sample on the plan's times "
-                     f"{[round(t, 5) for t in times]}: {'; '.join(dict.fromkeys(refusals))}")
-
-
-def _plan_times(plan: Any, cfg: Mapping[str, Any], mu: float | None) -> tuple[NoiseSchedule, list[float], float | None]:
-    """(the schedule of ``cfg``, the plan's times on it, the ``mu`` to run diffusers' ``set_timesteps`` with)."""
-    from fewstep.models.scheduler_config import schedule_from_config
-
-    dynamic = bool(cfg.get("use_dynamic_shifting"))
-    if mu is not None and not dynamic:
-        raise ValueError("mu was given but the scheduler config has no use_dynamic_shifting")
-    if dynamic and mu is None:
-        if plan.times is None:
-            raise ValueError(f"a named grid ({plan.grid!r}) on a use_dynamic_shifting schedule depends on the image "
-                             "size; pass mu= (the pipeline's)")
-        mu = 0.0 if cfg.get("time_shift_type", "exponential") == "exponential" else 1.0  # shift 1: t = sigma
-    schedule, _ = schedule_from_config(cfg, mu=mu)
-    if plan.times is not None:
-        return schedule, explicit(schedule, plan.times).tolist(), mu
-    return schedule, make_grid(plan.grid, schedule, plan.steps, **dict(plan.grid_options)).tolist(), mu

@@ -19,7 +19,9 @@ name is read by its keys: ``sigma_data`` makes it EDM, ``shift`` without ``beta_
 anything else a DDPM-family (beta table) config.
 
 :func:`native_time_from_config` / :func:`time_from_native` map fewstep's time to the timestep the network is fed
-and back. See ``docs/design.md`` for the table of fields.
+and back. :func:`config_of` reads a scheduler or its config as a plain dict, and :func:`fresh_scheduler` makes a new
+scheduler of its class, for code that runs diffusers' own ``set_timesteps``. See ``docs/design.md`` for the table of
+fields.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.grids import _check_steps, validate_grid
+from fewstep.grids import check_steps, validate_grid
 from fewstep.models.adapter import edm_noise_time, native_time_default, snap_integer
 from fewstep.schedules import BETA_SCHEDULES, EDM, DiscreteVP, NoiseSchedule, RectifiedFlow
 
@@ -40,8 +42,10 @@ __all__ = [
     "EDM_SCHEDULERS",
     "FLOW_SCHEDULERS",
     "VP_SCHEDULERS",
+    "config_of",
     "diffusers_grid",
     "dynamic_shift",
+    "fresh_scheduler",
     "native_time_from_config",
     "schedule_from_config",
     "time_from_native",
@@ -111,8 +115,9 @@ sigma of exactly 1 here (one part in a million from it, in the model's input and
 
 # ---------------------------------------------------------------------------------------------- reading a config
 
-def _as_config(config: Any) -> dict[str, Any]:
-    """A config dict from a dict, a scheduler's ``.config`` or a scheduler (whose class name it adds)."""
+def config_of(config: Any) -> dict[str, Any]:
+    """A new config dict from a dict, a scheduler's ``.config`` or a scheduler (whose class name it adds as
+    ``_class_name``); anything else raises ``TypeError``."""
     if isinstance(config, Mapping):
         return dict(config)
     if hasattr(config, "config") and isinstance(config.config, Mapping):
@@ -135,7 +140,7 @@ def _family(name: str | None, cfg: Mapping[str, Any]) -> str:
 
 def _effective(config: Any) -> tuple[str | None, str, dict[str, Any]]:
     """(class name, family, the schedule fields as that class reads them: its defaults, then the config's values)."""
-    cfg = _as_config(config)
+    cfg = config_of(config)
     name = cfg.get("_class_name") or None
     family = _family(name, cfg)
     params = _init_params(name)
@@ -365,11 +370,13 @@ def time_from_native(config: Any, schedule: NoiseSchedule) -> Callable[[float], 
 
 # --------------------------------------------------------------------------------------------------------- grid
 
-def _scheduler(scheduler_or_config: Any) -> Any:
-    """A fresh diffusers scheduler of the class named by a scheduler or config (never the caller's object)."""
+def fresh_scheduler(scheduler_or_config: Any) -> Any:
+    """A fresh diffusers scheduler of the class named by a scheduler or config (never the caller's object), made
+    with ``from_config``. Refused with a ``ValueError``: a config without ``_class_name``, a name that is not a
+    diffusers scheduler, and a class whose noise schedule fewstep does not read."""
     import diffusers
 
-    cfg = _as_config(scheduler_or_config)
+    cfg = config_of(scheduler_or_config)
     name = cfg.get("_class_name")
     if not name:
         raise ValueError("diffusers_grid runs the scheduler's own set_timesteps: pass the scheduler, or a config "
@@ -415,7 +422,7 @@ def diffusers_grid(
     ``schedule`` must be the config's (from :func:`schedule_from_config`; checked). With dynamic shifting, ``mu``
     is taken from the schedule's shift unless given.
     """
-    sched = _scheduler(scheduler_or_config)
+    sched = fresh_scheduler(scheduler_or_config)
     name = type(sched).__name__
     cfg = {"_class_name": name, **dict(sched.config)}
     kwargs = dict(set_timesteps_kwargs)
@@ -430,7 +437,7 @@ def diffusers_grid(
         raise ValueError(f"{schedule!r} is not the schedule of this {name} config ({expected!r}); build it with "
                          "schedule_from_config")
     if steps is not None:
-        steps = _check_steps(steps)
+        steps = check_steps(steps)
     if steps is None:
         sched.set_timesteps(**kwargs)
     else:
