@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import fewstep
-from fewstep.bench.metrics import DigitsFD
+from fewstep.metrics import DigitsFD
 from fewstep.quant import calibrate, quantize_int, target_layers
 from fewstep.quant.apply import _rebuild
 from fewstep.quant.gptq import gptq_round

@@ -14,7 +14,7 @@ from fewstep.grids import make_grid
 from fewstep.noise import SampleNoise
 from fewstep.plan import Plan, place
 from fewstep.schedules import DiscreteVP
-from fewstep.tune_store import TuneStore
+from fewstep.tuning.store import TuneStore
 from fewstep.tuning import tune
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fewstep import sample
-from fewstep.differentiable import host, run
+from fewstep.differentiable import run
+from fewstep.hostfn import host
 from fewstep.grids import make_grid
 from fewstep.models import ClassifierFreeGuidance, ModelDenoiser
 from fewstep.models.retime import Retimed

@@ -164,7 +164,7 @@ def test_a_reference_stored_between_the_look_and_the_claim_is_not_solved_again(t
 
 
 def test_fd_of_a_folder(tmp_path, capsys):
-    from fewstep.bench.metrics import DigitsFD
+    from fewstep.metrics import DigitsFD
 
     assert main(["sample", "--model", "unet_s", "--steps", "4", "--seeds", "0-69", "--batch-size", "32", "--quiet",
                  "--out", str(tmp_path / "run")]) == 0

@@ -89,7 +89,7 @@ def test_incomplete_folders_are_not_read(tmp_path, sampler):
 
 
 def test_the_fd_of_a_folder_is_the_fd_of_its_samples(tmp_path, sampler):
-    from fewstep.bench.metrics import DigitsFD, frechet_distance
+    from fewstep.metrics import DigitsFD, frechet_distance
 
     seeds = list(range(70))
     shards = ShardFolder(tmp_path / "out", seeds, 16, {})

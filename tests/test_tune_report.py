@@ -6,7 +6,7 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-from fewstep.bench.tune_report import write_tune_report
+from fewstep.tuning.report import write_tune_report
 from fewstep.schedules import LinearVP
 
 TUNED4 = [1.0, 0.62, 0.31, 0.09, 0.0]

@@ -131,7 +131,7 @@ def test_refinement_never_makes_the_run_worse():
 
 
 def test_teachers_are_solved_once_for_every_nfe(monkeypatch):
-    import fewstep.tuning as tuning
+    import fewstep.tuning.run as tuning
 
     calls = []
     real = tuning.teacher_states
@@ -150,7 +150,7 @@ def test_a_tune_made_to_lose_on_held_out_seeds_returns_the_fixed_grid(monkeypatc
     """The calibration teacher is made to mislead (its end point is a coarse 3-step DDIM run on an odd grid): the
     tuned grid fits it best on the calibration seeds and loses on the held-out ones, so the best fixed grid on
     held-out data is the plan."""
-    import fewstep.tuning as tuning
+    import fewstep.tuning.run as tuning
 
     den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
     real = tuning.teacher_states
@@ -175,8 +175,8 @@ def test_a_tune_made_to_lose_on_held_out_seeds_returns_the_fixed_grid(monkeypatc
 
 
 def test_an_interrupted_tune_resumes_from_its_store(tmp_path, monkeypatch):
-    import fewstep.tuning as tuning
-    from fewstep.tune_store import TuneStore
+    import fewstep.tuning.run as tuning
+    from fewstep.tuning.store import TuneStore
 
     den = AnalyticDenoiser(gaussian_mixture(dim=4, components=3, std=0.3), SCHED)
     kw = {"solvers": ("ddim", "dpmpp_2m"), "shape": (4,), "seeds": range(4), "holdout": range(100, 108),
@@ -227,7 +227,7 @@ def test_a_conditional_guided_tune_resumes(tmp_path):
     import torch
 
     from fewstep import zoo
-    from fewstep.tune_store import TuneStore
+    from fewstep.tuning.store import TuneStore
     from fewstep.tuning import tune
 
     den = zoo.load("dit_s")

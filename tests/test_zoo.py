@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fewstep import sample
-from fewstep.bench.metrics import DigitsFD
+from fewstep.metrics import DigitsFD
 from fewstep.schedules import DiscreteVP, RectifiedFlow
 from fewstep.zoo import WEIGHTS, list_models, load, load_classifier
 from fewstep.zoo.train import classifier_split

@@ -514,10 +514,10 @@ def _check_caches(models: list[str], caches: list[str]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from fewstep.bench.tune_report import write_tune_report
+    from fewstep.tuning.report import write_tune_report
     from fewstep.outputs import check_output_dir
     from fewstep.plan import DTYPES, place
-    from fewstep.tune_store import TuneStore
+    from fewstep.tuning.store import TuneStore
     from fewstep.tuning import best_row, tune
     from fewstep.zoo import load
 
@@ -573,13 +573,13 @@ def _digits_fd(den: Any) -> Any:
     """The digits FD for the shipped 8x8 digits models, else ``None``."""
     if tuple(getattr(den, "sample_shape", ())) != (1, 8, 8):
         return None
-    from fewstep.bench.metrics import DigitsFD
+    from fewstep.metrics import DigitsFD
 
     return DigitsFD()
 
 
 def cmd_fd(args: argparse.Namespace) -> int:
-    from fewstep.bench.metrics import DigitsFD
+    from fewstep.metrics import DigitsFD
     from fewstep.shards import MANIFEST, read_manifest
 
     folder = Path(args.folder)

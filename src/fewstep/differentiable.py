@@ -5,7 +5,7 @@ The solvers themselves compute their coefficients on the host in float64 (``Step
 refines by gradient, DDIM (DPM-Solver-1) and DPM-Solver++(2M), are written once more with the grid as a tensor, so
 autograd reaches the steps through the coefficients, the network's input and its time input. Their values equal
 :func:`fewstep.sample`'s on the same grid (tested); the schedule's scalar functions are differentiated by central
-differences on the host (:func:`host`), everything else by autograd.
+differences on the host (:func:`fewstep.hostfn.host`), everything else by autograd.
 
 References: *Learning to Discretize Denoising Diffusion ODEs* (Tong et al., ICLR 2025; LD3), whose refinement
 backpropagates the end-point distance to a teacher through the sampler; *DPM-Solver++* (Lu et al., 2022) for the
@@ -14,48 +14,15 @@ updates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from fewstep.hostfn import host
 from fewstep.models.base import Cond, Denoiser
 
-__all__ = ["DIFFERENTIABLE", "host", "run"]
+__all__ = ["DIFFERENTIABLE", "run"]
 
 DIFFERENTIABLE = ("ddim", "dpmpp_2m")
 """The solvers :func:`run` differentiates (deterministic, with default knobs)."""
-
-
-class _Host(torch.autograd.Function):
-    """``fn(t)`` for a host float function, with ``dfn/dt`` by a central difference of step ``1e-7 max(1, |t|)``
-    (one-sided where ``t +- h`` leaves ``fn``'s domain)."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, fn: Callable[[float], float]) -> torch.Tensor:  # noqa: ANN001
-        v = float(t)
-        ctx.fn, ctx.v = fn, v
-        return torch.tensor(fn(v), dtype=torch.float64, device=t.device)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        fn, v = ctx.fn, ctx.v
-        h = 1e-7 * max(1.0, abs(v))
-        try:
-            hi = fn(v + h)
-            up = h
-        except ValueError:  # past the end of the schedule
-            hi, up = fn(v), 0.0
-        try:
-            lo = fn(v - h)
-            down = h
-        except ValueError:
-            lo, down = fn(v), 0.0
-        return grad * ((hi - lo) / (up + down)), None
-
-
-def host(fn: Callable[[float], float], t: torch.Tensor) -> torch.Tensor:
-    """``fn(t)`` as a float64 0-d tensor differentiable in the 0-d tensor ``t``."""
-    return _Host.apply(t, fn)
 
 
 def run(den: Denoiser, solver: str, times: torch.Tensor, *, x_init: torch.Tensor, cond: Cond = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
 __all__ = ["DigitsFD", "frechet_distance", "rmse_per_sample", "sliced_wasserstein"]
@@ -27,6 +26,8 @@ def rmse_per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))`` of two Gaussians (scipy's ``sqrtm``; the tiny imaginary
     part that round-off gives is dropped)."""
+    import scipy.linalg  # slow to import; only FD needs it
+
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
     covmean = scipy.linalg.sqrtm(cov1 @ cov2)

@@ -199,7 +199,7 @@ class Plan:
             den = load(self.model)
             place(den, torch.device(self.device), DTYPES[self.dtype])
         else:
-            _check_placed(den, torch.device(self.device), DTYPES[self.dtype])
+            check_placed(den, torch.device(self.device), DTYPES[self.dtype])
         solver = make_solver(self.solver, **self.solver_options)
         if shape is None:
             shape = den.sample_shape  # type: ignore[attr-defined]
@@ -250,7 +250,7 @@ def place(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
             den.dtype = dtype  # type: ignore[attr-defined]  # the ModelDenoiser casts inputs to it
 
 
-def _check_placed(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
+def check_placed(den: Denoiser, device: torch.device, dtype: torch.dtype) -> None:
     """A network given to :meth:`Plan.build` must be where the plan runs: moving it would change the caller's
     module behind their back."""
     net = _network(den)

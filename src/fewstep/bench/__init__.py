@@ -1,7 +1,7 @@
 """Measurement: experiments, metrics, a resumable SQLite store, diffusers peers, and reports."""
 
 from fewstep.bench.experiment import Experiment, sweep
-from fewstep.bench.metrics import DigitsFD, frechet_distance, rmse_per_sample, sliced_wasserstein
+from fewstep.metrics import DigitsFD, frechet_distance, rmse_per_sample, sliced_wasserstein
 from fewstep.bench.report import write_report
 from fewstep.bench.runner import run_experiment, run_sweep
 from fewstep.bench.store import DEFAULT_DB, ResultStore

@@ -1,6 +1,6 @@
 """Model-card quality numbers: the FD of a zoo model's many-step samples, written into its ``card.json``.
 
-It lives on the bench side (it needs :class:`~fewstep.bench.metrics.DigitsFD`) so that the dependency runs one way:
+It lives on the bench side (it needs :class:`~fewstep.metrics.DigitsFD`) so that the dependency runs one way:
 ``fewstep.bench`` uses ``fewstep.zoo``, never the reverse.
 
     fewstep zoo evaluate unet_m
@@ -21,7 +21,7 @@ __all__ = ["evaluate"]
 def evaluate(name: str, folder: Path | None = None, *, steps: int = 1000, n: int = 512) -> dict[str, Any]:
     """FD of ``steps``-step sampling (DDPM ancestral for eps/v models, Euler for flow) of ``n`` samples against
     real digits, next to the real-vs-real floor at the same ``n``; written into the model's ``card.json``."""
-    from fewstep.bench.metrics import DigitsFD
+    from fewstep.metrics import DigitsFD
     from fewstep.hooks import ProgressBar
     from fewstep.sample import sample
     from fewstep.zoo import WEIGHTS, load

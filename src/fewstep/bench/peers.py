@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["PEERS", "applicable", "compatible", "counterpart", "run_diffusers"]
+from fewstep.solvers import make_solver
+
+__all__ = ["DETERMINISTIC_PEERS", "PEERS", "applicable", "compatible", "counterpart", "run_diffusers"]
 
 # label: (diffusers class name, pinned config overrides, fewstep solver it is compared with)
 PEERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -24,6 +26,10 @@ PEERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "DEIS": ("DEISMultistepScheduler", {"solver_order": 3}, "deis"),
     "SA-Solver": ("SASolverScheduler", {}, "sa_solver"),
 }
+
+DETERMINISTIC_PEERS = tuple(label for label, (_, _, ours) in PEERS.items() if not make_solver(ours).stochastic)
+"""The peers whose counterpart is deterministic (a fixed end point to measure against a teacher), in :data:`PEERS`
+order."""
 
 
 def _is_flow(config: Mapping[str, Any]) -> bool:

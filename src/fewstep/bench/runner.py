@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fewstep.bench.experiment import Experiment
-from fewstep.bench.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
+from fewstep.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
 from fewstep.bench.peers import run_diffusers
 from fewstep.bench.reference import pf_ode_reference
 from fewstep.bench.store import ResultStore

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fewstep.grids import suggest
+from fewstep.hostfn import host
 from fewstep.models.base import Cond, Denoiser
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
 from fewstep.solvers._coeffs import lincomb
@@ -178,10 +179,8 @@ class ModelDenoiser(Denoiser):
 
     def __call__(self, x: torch.Tensor, t: float, cond: Cond = None) -> torch.Tensor:
         """``x0_hat`` at ``t``. ``t`` may also be a 0-d float64 tensor: the prediction is then differentiable in
-        ``t`` (through the schedule, the conversion and the network's time input; :mod:`fewstep.differentiable`)."""
+        ``t`` (through the schedule, the conversion and the network's time input; :mod:`fewstep.hostfn`)."""
         if isinstance(t, torch.Tensor):
-            from fewstep.differentiable import host
-
             alpha, sigma = host(self.schedule.alpha, t), host(self.schedule.sigma, t)
             native: float | torch.Tensor = host(self.native_time, t)
             root = torch.sqrt

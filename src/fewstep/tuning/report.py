@@ -20,7 +20,7 @@ import torch
 from fewstep.bench.report import mosaic
 from fewstep.outputs import atomic_write
 from fewstep.schedules import NoiseSchedule
-from fewstep.tuning import TUNED
+from fewstep.tuning.rows import TUNED
 
 __all__ = ["TUNED_GRIDS", "write_tune_report"]
 
