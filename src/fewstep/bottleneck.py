@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fewstep.grids import make_grid
+from fewstep.grids import DEFAULT_GRID, make_grid
 from fewstep.models.base import Cond, Denoiser
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.sample import sample
@@ -36,7 +36,7 @@ def bottleneck_sample(
     factor: int = 2,
     stages: tuple[float, float] = (0.2, 0.8),
     shift: float = 2.0,
-    grid: str = "time_quadratic",
+    grid: str = DEFAULT_GRID,
     cond: Cond = None,
     hooks: Sequence[Any] = (),
     dtype: torch.dtype = torch.float32,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.grids import explicit, make_grid
+from fewstep.grids import DEFAULT_GRID, explicit, make_grid
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.sample import _BoundModel, integrate
 from fewstep.solvers import Solver, State, Step, make_solver
@@ -59,7 +59,7 @@ def invert(
     *,
     solver: Solver | str = "ddim",
     steps: int | Sequence[float] | np.ndarray | torch.Tensor = 50,
-    grid: str = "logsnr",
+    grid: str = DEFAULT_GRID,
     cond: Cond = None,
     hooks: Sequence[Any] = (),
     check: bool = True,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fewstep.grids import DEFAULT_GRID
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.solvers import EulerMaruyama, Step
 
@@ -188,7 +189,7 @@ class Calibration:
 
 
 def calibrate(levels: Sequence[Denoiser], steps: int, *, shape: Sequence[int], seeds: str | int = 16,
-              costs: Sequence[float] | None = None, grid: str = "time_quadratic",
+              costs: Sequence[float] | None = None, grid: str = DEFAULT_GRID,
               reference: Denoiser | None = None) -> Calibration:
     """Run Euler-Maruyama with the finest level on a few seeds and, at every step, evaluate every level at the
     current state: increment variances and drift errors weighted by the step's ``x0_hat`` coefficient. ``costs``

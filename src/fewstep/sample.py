@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.grids import explicit, make_grid
+from fewstep.grids import DEFAULT_GRID, explicit, make_grid
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.solvers import Solver, Step, make_solver
@@ -61,7 +61,7 @@ def sample(
     seeds: str | int | Sequence[int] | None = None,
     cond: Cond = None,
     hooks: Sequence[Any] = (),
-    grid: str = "logsnr",
+    grid: str = DEFAULT_GRID,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     check: bool = True,

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from fewstep.grids import GRIDS, suggest
+from fewstep.grids import DEFAULT_GRID, GRIDS, suggest
 from fewstep.noise import parse_seeds
 from fewstep.solvers import SOLVERS
 
@@ -28,12 +28,20 @@ calibration trajectory and the first and last layers in float by default (1, key
 
 @dataclass(frozen=True)
 class Experiment:
-    """One run: ``model`` (zoo name or diffusers folder) sampled by ``solver`` in ``steps`` steps on ``grid`` from
-    the noise of ``seeds``.
+    """One row of a sweep: a run and the noise it starts from. A fewstep row's run is one
+    :class:`~fewstep.plan.Plan` (:meth:`as_plan`: the runner builds every fewstep row through ``Plan.build``); a
+    diffusers row's run is diffusers' own scheduler of that name on the same network and noise. The fields are the
+    row's identity in the store, kept as they were so stored rows keep their keys.
+
+    ``model`` (zoo name or diffusers folder) sampled by ``solver`` in ``steps`` steps on ``grid``
+    (:data:`fewstep.grids.DEFAULT_GRID` by default, as every run description) from the noise of ``seeds``.
 
     ``backend="diffusers"`` runs the diffusers scheduler of that name (see :data:`fewstep.bench.peers.PEERS`) on
     the same network and starting noise, with pinned configs; ``grid`` is then diffusers' own (trailing spacing).
     ``options`` are solver knobs (fewstep) or scheduler config overrides (diffusers).
+
+    ``cache``: a fewstep cache spec (:func:`fewstep.caching.cache_from_spec`), or ``"diffusers:<hook>..."``, one of
+    diffusers' own cache hooks around the same network (:mod:`fewstep.bench.cache_peers`).
 
     ``dtype``, ``device``: the network runs in ``dtype`` on ``device``, and so does the state, except that
     float16/bfloat16 runs keep it in float32 (as :attr:`fewstep.plan.Plan.dtype`); a run elsewhere is another
@@ -53,11 +61,11 @@ class Experiment:
     model: str
     solver: str
     steps: int
-    grid: str = "logsnr"
+    grid: str = DEFAULT_GRID
     seeds: str = "0-255"
     backend: str = "fewstep"
     options: Mapping[str, Any] = field(default_factory=dict)
-    cache: str = ""  # a cache spec: "deepcache:interval=3", "auto:target_error=0.05" (fewstep.caching.make_cache)
+    cache: str = ""  # a cache spec: "deepcache:interval=3", "auto:target_error=0.05", "diffusers:fbcache"
     plan: Mapping[str, Any] | None = None  # Plan.to_dict() of a plan experiment
     name: str = ""  # a plan experiment's row label (its file's stem)
     dtype: str = "float32"  # of the network (fewstep.plan.DTYPES); float16/bfloat16 keep a float32 state
@@ -97,6 +105,27 @@ class Experiment:
         if self.cache and self.backend != "fewstep":
             raise ValueError("caches apply to fewstep runs only")
         object.__setattr__(self, "options", dict(sorted(dict(self.options).items())))
+        if self.backend == "fewstep" and self.plan is None:
+            self.as_plan()  # the solver's knobs, the cache and quantization as a plan checks them
+
+    @property
+    def diffusers_cache(self) -> str:
+        """The diffusers cache hook spec this fewstep row runs around its network (``"diffusers:..."``), or ``""``."""
+        return self.cache if self.cache.startswith("diffusers:") else ""
+
+    def as_plan(self) -> Plan:
+        """This fewstep row's run as one :class:`~fewstep.plan.Plan`: a plan row's own plan, else the plan of its
+        fields (all but a diffusers cache hook, which is no fewstep cache: the runner puts it around the network
+        the plan builds)."""
+        from fewstep.plan import Plan
+
+        if self.backend != "fewstep":
+            raise ValueError(f"a {self.backend} row runs diffusers' own scheduler, not a fewstep plan")
+        if self.plan is not None:
+            return Plan.from_dict(self.plan)
+        return Plan(model=self.model, solver=self.solver, solver_options=self.options, grid=self.grid,
+                    steps=self.steps, cache="" if self.diffusers_cache else self.cache, dtype=self.dtype,
+                    device=self.device, quant=self.quant)
 
     @classmethod
     def of_plan(cls, plan: Plan, *, name: str, seeds: str = "0-255") -> Experiment:
@@ -207,7 +236,7 @@ def sweep(
     solvers: Sequence[str],
     steps: Iterable[int],
     *,
-    grid: str = "logsnr",
+    grid: str = DEFAULT_GRID,
     seeds: str = "0-255",
     with_diffusers: bool = False,
     peers: Sequence[str] = (),

@@ -14,17 +14,16 @@ from typing import Any
 import torch
 
 from fewstep.bench.experiment import Experiment
-from fewstep.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
 from fewstep.bench.peers import run_diffusers
 from fewstep.bench.reference import pf_ode_reference
 from fewstep.bench.store import ResultStore
 from fewstep.caching import CacheStats
 from fewstep.hooks import NFECounter
+from fewstep.metrics import DigitsFD, rmse_per_sample, sliced_wasserstein
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
-from fewstep.plan import Plan, place, placement, state_dtype
+from fewstep.plan import place, placement, state_dtype
 from fewstep.quant import weights_bytes
-from fewstep.sample import sample
 
 __all__ = ["Context", "run_experiment", "run_sweep"]
 
@@ -173,47 +172,33 @@ class _Samples:
 
 def _run(exp: Experiment, ctx: Context) -> _Samples:
     """Sample ``exp``: the network, the noise and the state on ``exp.device`` (the network in ``exp.dtype``,
-    quantized as ``exp.quant`` says; quantizing and calibrating are not part of the time)."""
+    quantized as ``exp.quant`` says; quantizing and calibrating are not part of the time).
+
+    A fewstep row is exactly ``exp.as_plan().build(den).sample(seeds=exp.seeds)``, timed, with a diffusers cache
+    hook around the built denoiser when the row names one: the plan's grid gives the start (the grids of plain rows
+    start at ``t_max``, as the reference does)."""
     den = ctx.model(exp.model, device=exp.device, dtype=exp.dtype)
-    x_init = ctx.x_init(exp)
     timed = _Timed(den)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     network: Denoiser = den
-    if exp.plan is not None:  # exactly ``plan.build(den).sample(seeds=...)``: its grid's own start, dtype and device
+    if exp.backend == "fewstep":
         counter, stats = NFECounter(), CacheStats()
-        plan = Plan.from_dict(exp.plan)
-        sampler = plan.build(den)  # placed as the plan says (exp's dtype and device); ``auto`` calibrates here
-        network = sampler.network or den
-        if sampler.calibration is not None:
-            extra = {"cache_choice": sampler.calibration.spec, "cache_calibration_error": sampler.calibration.error}
-        timed = _Timed(sampler.denoiser)
-        t0 = time.perf_counter()  # quantization and calibration are not part of the run's time
-        out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats])
-        nfe = counter.nfe
-        if exp.cache:
-            extra["cache_work"] = stats.mean_work
-            extra["cache_reused"] = stats.reused
-    elif exp.backend == "fewstep":
-        counter, stats = NFECounter(), CacheStats()
-        peer: Any = contextlib.nullcontext()
-        diffusers_hook = exp.cache.startswith("diffusers:")
-        plan = Plan(model=exp.model, solver=exp.solver, solver_options=exp.options, grid=exp.grid, steps=exp.steps,
-                    cache="" if diffusers_hook else exp.cache, dtype=exp.dtype, device=exp.device, quant=exp.quant)
         # ``auto`` calibrates on seeds 1000-1127, an activation quantization on calibrate's default seeds
-        sampler = plan.build(den, shape=tuple(x_init.shape[1:]))
+        sampler = exp.as_plan().build(den)  # placed as the plan says (exp's dtype and device)
         network = sampler.network or den
-        if diffusers_hook:  # diffusers' own cache hook on the same (quantized) network, noise and solver
-            peer = diffusers_cache(sampler.denoiser, exp.cache)
+        peer: Any = contextlib.nullcontext()
+        if exp.diffusers_cache:  # diffusers' own cache hook on the same (quantized) network, noise and solver
+            peer = diffusers_cache(sampler.denoiser, exp.diffusers_cache)
             timed = _Timed(peer)
         else:
-            cal = sampler.calibration
-            if cal is not None:
-                extra = {"cache_choice": cal.spec, "cache_calibration_error": cal.error}
+            if sampler.calibration is not None:
+                extra = {"cache_choice": sampler.calibration.spec,
+                         "cache_calibration_error": sampler.calibration.error}
             timed = _Timed(sampler.denoiser)
         t0 = time.perf_counter()  # quantization and calibration are not part of the run's time
         with peer:
-            out = sample(timed, sampler.solver, sampler.times, x_init=x_init, seeds=exp.seeds, hooks=[counter, stats])
+            out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
             extra["cache_work"] = stats.mean_work
@@ -229,6 +214,8 @@ def _run(exp: Experiment, ctx: Context) -> _Samples:
             return y
 
         config = json.loads(json.dumps(dict(den.scheduler_config)))
+        x_init = ctx.x_init(exp)
+        t0 = time.perf_counter()  # drawing the noise is not part of the run's time
         out, nfe = run_diffusers(exp.solver, timed_net, config, x_init, exp.steps, options=exp.options)
     out = out.cpu()  # waits for the device: the wall time is the run's
     return _Samples(out, nfe, timed.seconds, time.perf_counter() - t0, extra, network)

@@ -129,7 +129,7 @@ def search_steps(den: Denoiser, solver: Solver | str, steps: int, *, shape: Sequ
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean per-sample RMSE of ``x`` against ``ref`` (the harness's measure, :func:`fewstep.metrics.rmse_per_sample`)."""
+    """Mean per-sample RMSE of ``x`` against ``ref`` (:func:`fewstep.metrics.rmse_per_sample`)."""
     return float(rmse_per_sample(x, ref).mean())
 
 
