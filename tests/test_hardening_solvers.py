@@ -2,7 +2,6 @@
 overrides, SA-Solver's noise window is diffusers' rule, named beta tables are diffusers' bit for bit, the zoo never
 imports the bench, and bad training lengths are refused."""
 
-import ast
 import inspect
 import shutil
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
+
+from import_graph import imported_modules
 
 import fewstep
 from fewstep import SOLVERS, make_solver
@@ -179,21 +180,7 @@ def _imports(path: Path, root: Path = SRC) -> set[str]:
     """Every module ``path`` (a file of the ``fewstep`` package at ``root``) imports, at any depth (inside
     functions too), relative imports resolved; for ``from a import b`` both ``a`` and ``a.b`` (``b`` may be a
     module)."""
-    package = ".".join(("fewstep", *path.relative_to(root).with_suffix("").parts))
-    if path.name != "__init__.py":
-        package = package.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*parent, base] if base else parent)
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}
-    return found
+    return imported_modules(path, root)
 
 
 def _under(module: str, package: str) -> bool:

@@ -16,7 +16,7 @@ from fewstep.grids import suggest
 from fewstep.hostfn import host
 from fewstep.models.base import Cond, Denoiser
 from fewstep.schedules import DiscreteVP, NoiseSchedule, RectifiedFlow
-from fewstep.solvers._coeffs import lincomb
+from fewstep.solvers.coeffs import lincomb
 
 if TYPE_CHECKING:
     from fewstep.models.families import ModelFamily

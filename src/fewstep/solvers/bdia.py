@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.solvers._coeffs import lincomb
+from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_range
 
 __all__ = ["BDIA"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import lincomb
+from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
 
 __all__ = ["DDIM", "DDPM"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import eps_of, lagrange_integrals, lincomb
+from fewstep.solvers.coeffs import eps_of, lagrange_integrals, lincomb
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
 

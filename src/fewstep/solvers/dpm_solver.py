@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fewstep.solvers._coeffs import data_phis, lincomb, noise_phis
+from fewstep.solvers.coeffs import data_phis, lincomb, noise_phis
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
 
@@ -99,7 +99,7 @@ class _MultistepPP(Solver):
            + sigma_t sqrt(-expm1(-2 eta h)) z``
 
     where ``D1 ~ h x0_hat'`` and ``D2 ~ h^2 x0_hat''/2`` are divided differences of the history. Exact
-    Taylor integration gives ``c1 = phi2(H)`` and ``c2 = 2 phi3(H)`` (see ``_coeffs.data_phis``).
+    Taylor integration gives ``c1 = phi2(H)`` and ``c2 = 2 phi3(H)`` (see ``coeffs.data_phis``).
     """
 
     paper = _DPMPP

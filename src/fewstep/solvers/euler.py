@@ -11,7 +11,7 @@ import math
 import torch
 
 from fewstep.schedules import NoiseSchedule
-from fewstep.solvers._coeffs import lincomb
+from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_range
 
 __all__ = ["Euler", "EulerMaruyama", "Heun"]
