@@ -5,9 +5,9 @@ imports another package's private name, and no source file outgrows one concern 
 from pathlib import Path
 
 import pytest
-from import_graph import Graph, cycles
 
 import fewstep
+from import_graph import Graph, cycles
 
 SRC = Path(fewstep.__file__).parent
 GRAPH = Graph(SRC)
@@ -78,8 +78,9 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Graph:
 
 
 def test_a_cycle_hidden_in_a_function_level_import_is_found(tmp_path):
-    graph = _tree(tmp_path, {"__init__.py": "", "bench/__init__.py": "", "bench/runner.py": "from fewstep import plan\n",
-                             "plan.py": "def build():\n    from .bench import runner\n", "grids.py": ""})
+    graph = _tree(tmp_path, {"__init__.py": "", "bench/__init__.py": "", "grids.py": "",
+                             "bench/runner.py": "from fewstep import plan\n",
+                             "plan.py": "def build():\n    from .bench import runner\n"})
     assert cycles(graph.edges()) == [["fewstep.bench.runner", "fewstep.plan"]]
     assert cycles(graph.room_edges()) == [["bench", "plan"]]
 

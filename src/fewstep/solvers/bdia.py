@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_range
+from fewstep.solvers.coeffs import lincomb
 
 __all__ = ["BDIA"]
 

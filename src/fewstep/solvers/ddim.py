@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
+from fewstep.solvers.coeffs import lincomb
 
 __all__ = ["DDIM", "DDPM"]
 

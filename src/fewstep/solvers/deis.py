@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from fewstep.solvers.coeffs import eps_of, lagrange_integrals, lincomb
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
+from fewstep.solvers.coeffs import eps_of, lagrange_integrals, lincomb
 
 __all__ = ["DEIS", "IPNDM"]
 

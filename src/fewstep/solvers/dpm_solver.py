@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from fewstep.solvers.coeffs import data_phis, lincomb, noise_phis
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
+from fewstep.solvers.coeffs import data_phis, lincomb, noise_phis
 
 __all__ = ["DPMSolver", "DPMSolverPP2M", "DPMSolverPP3M", "DPMSolverPP3MCompat", "DPMSolverPP2MSDE",
            "DPMSolverPP3MSDE"]

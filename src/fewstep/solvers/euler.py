@@ -11,8 +11,8 @@ import math
 import torch
 
 from fewstep.schedules import NoiseSchedule
-from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers.base import Model, Solver, State, Step, check_range
+from fewstep.solvers.coeffs import lincomb
 
 __all__ = ["Euler", "EulerMaruyama", "Heun"]
 

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from fewstep.solvers.coeffs import lincomb
 from fewstep.solvers._history import History
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
+from fewstep.solvers.coeffs import lincomb
 
 __all__ = ["EVODiff"]
 

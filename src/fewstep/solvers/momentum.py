@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.solvers.coeffs import data_phis, eps_of, lincomb
 from fewstep.solvers._history import History, multistep_order
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice
+from fewstep.solvers.coeffs import data_phis, eps_of, lincomb
 
 __all__ = ["GHVB", "HeavyBall"]
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.schedules import DiscreteVP, NoiseSchedule
-from fewstep.solvers.coeffs import exp_lagrange_integrals, lincomb
 from fewstep.solvers._history import History
 from fewstep.solvers.base import Model, Solver, State, Step, check_choice, check_range
+from fewstep.solvers.coeffs import exp_lagrange_integrals, lincomb
 
 __all__ = ["SASolver"]
 
