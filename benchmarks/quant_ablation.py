@@ -30,7 +30,7 @@ from torch import nn
 import fewstep
 from fewstep.metrics import DigitsFD
 from fewstep.quant import calibrate, quantize_int, target_layers
-from fewstep.quant.apply import _rebuild
+from fewstep.quant.apply import rebuild
 from fewstep.quant.gptq import gptq_round
 from fewstep.quant.records import QuantInfo
 from fewstep.zoo import load
@@ -111,7 +111,7 @@ def _run(ctx: dict, label: str, *, skip=(), only=None, mode="nearest", bias=None
                     return out - shift.view(*([1] * (out.ndim - 1)), -1)
                 return out - shift.view(1, -1, *([1] * (out.ndim - 2)))
             net.get_submodule(name).register_forward_hook(fix)
-    q = _rebuild(den, net, QuantInfo(label, {}, {}))
+    q = rebuild(den, net, QuantInfo(label, {}, {}))
     x = fewstep.sample(q, solver, steps, seeds="0-255", grid=GRID, shape=den.sample_shape)
     f = ctx["fd"](x)
     err = float((x - ref).flatten(1).square().mean(1).sqrt().mean())

@@ -246,7 +246,7 @@ def test_a_kernel_the_device_lacks_is_named_with_its_alternative(unet_s):
 
 
 def test_missing_kernel_on_any_device_and_missing_torchao(unet_s, monkeypatch):
-    monkeypatch.setattr(quant_kernels, "_probe", lambda *a: "RuntimeError: no fp8 on this GPU")
+    monkeypatch.setattr(quant_kernels, "probe_kernel", lambda *a: "RuntimeError: no fp8 on this GPU")
     with pytest.raises(ValueError, match=r"'fp8wo' has no torchao kernel on this device \(cpu, float32 layers: "
                                          r"RuntimeError: no fp8 on this GPU\); the fake-quant scheme 'fp:e4m3'"):
         quantize(unet_s, "fp8wo")
@@ -426,7 +426,7 @@ def test_trajectory_calibration_observes_every_evaluation(unet_s, solver, steps)
 def test_single_time_calibration_sees_one_time_and_less_range(unet_s):
     full = calibrate(unet_s, "ddim", 6, seeds=2)
     one = calibrate(unet_s, "ddim", 6, seeds=2, mode="single")
-    grid = fewstep.grids.make_grid("logsnr", unet_s.schedule, 6).tolist()
+    grid = fewstep.grids.make_grid(fewstep.grids.DEFAULT_GRID, unet_s.schedule, 6).tolist()
     assert one.times == (grid[3],)  # the middle step, once (DDIM evaluates once per step)
     assert set(one.counts.values()) == {1}
     for name, parts in one.ranges.items():  # a subset of the same run's evaluations
@@ -625,8 +625,8 @@ def test_int8_kernels_gptq_rewrites_the_int8_codes_on_torchaos_scales(unet_s, sc
     for name, layer in target_layers(unet_s.model):
         if name not in q.quant.layers:
             continue
-        codes, scale = quant_kernels._int8_storage(q.model.get_submodule(name))
-        codes0, scale0 = quant_kernels._int8_storage(near.model.get_submodule(name))
+        codes, scale = quant_kernels.int8_storage(q.model.get_submodule(name))
+        codes0, scale0 = quant_kernels.int8_storage(near.model.get_submodule(name))
         assert torch.equal(scale, scale0)
         want = gptq_round(layer.weight.detach().flatten(1).double(), q.quant.calibration.hessians[name],
                           scale.double(), lambda x, s: torch.round(x / s).clamp(-128, 127) * s)
@@ -682,8 +682,8 @@ def test_group_scales_put_each_group_of_columns_on_its_own_grid(unet_s):
 def test_hessians_of_an_unbatched_convolution_take_every_channel():
     """A convolution fed one unbatched (C, H, W) input keeps all its channels: the sample stride applies to batches."""
     conv = nn.Conv2d(6, 4, 3, padding=1)
-    session = quant_calibration._Session(split=False, hessians=4096, hessian_samples=2)
-    obs = quant_calibration._Observer(session)
+    session = quant_calibration.CalibrationSession(split=False, hessians=4096, hessian_samples=2)
+    obs = quant_calibration.InputObserver(session)
     session.active = True
     x = torch.randn(6, 5, 5, generator=torch.Generator().manual_seed(0))
     obs(conv, (x,))

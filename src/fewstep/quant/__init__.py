@@ -2,10 +2,11 @@
 width, with activation ranges calibrated over the sampling trajectory.
 
 ``quantize(den, scheme, calibration=...)`` returns a new Denoiser on a quantized copy of the network
-(:mod:`fewstep.quant.apply`); :data:`SCHEMES` lists the schemes (grammar: :mod:`fewstep.quant.schemes`);
-:func:`calibrate` gathers activation ranges over a run (:mod:`fewstep.quant.calibration`); :func:`quantize_int` and
-:func:`quantize_fp` round tensors to a format (:mod:`fewstep.quant.formats`); :class:`Int8Conv2d` is ``int8wo``'s
-int8-stored convolution (:mod:`fewstep.quant.conv`).
+(:mod:`fewstep.quant.apply`); :data:`SCHEMES` lists the schemes (grammar, and the registry entries that hold what
+each torchao kernel scheme does: :mod:`fewstep.quant.schemes`); :func:`calibrate` gathers activation ranges over a
+run (:mod:`fewstep.quant.calibration`); :func:`quantize_int` and :func:`quantize_fp` round tensors to a format
+(:mod:`fewstep.quant.formats`); :class:`Int8Conv2d` is ``int8wo``'s int8-stored convolution
+(:mod:`fewstep.quant.conv`).
 """
 
 from fewstep.quant.apply import ActQuant, QuantizedDenoiser, quantize, weights_bytes

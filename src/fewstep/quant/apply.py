@@ -30,8 +30,8 @@ from fewstep.quant.kernels import apply_kernel
 from fewstep.quant.records import LayerQuant, QuantInfo
 from fewstep.quant.schemes import Scheme, parse_scheme
 
-__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "ends_of", "quantize", "round_to", "scale_count",
-           "scale_matrix", "weights_bytes"]
+__all__ = ["CALIBRATION_KEYS", "ActQuant", "QuantizedDenoiser", "ends_of", "quantize", "rebuild", "round_to",
+           "scale_count", "scale_matrix", "weights_bytes"]
 
 CALIBRATION_KEYS = ("solver", "steps", "seeds", "cond", "shape", "grid")
 """What ``calibration=`` may hold: :func:`fewstep.quant.calibrate`'s run (``solver`` and ``steps`` required)."""
@@ -133,8 +133,9 @@ def quantize(den: Denoiser | str | os.PathLike, scheme: str, *, calibration: Map
             ``dict(solver=..., steps=..., seeds=..., cond=..., shape=..., grid=...)``
             (:func:`~fewstep.quant.calibrate`'s arguments). It gathers the activation ranges of the schemes that
             quantize activations, and the layer Hessians by which weights are rounded (GPTQ,
-            :mod:`fewstep.quant.gptq`; every scheme but ``fp8wo`` rounds by GPTQ when given a calibration, to
-            nearest without). The scheme's knobs choose trajectory or single time.
+            :mod:`fewstep.quant.gptq`; every scheme whose weights GPTQ can round, all but ``fp8wo``
+            (:attr:`~fewstep.quant.Scheme.gptq`), rounds by GPTQ when given a calibration, to nearest without). The
+            scheme's knobs choose trajectory or single time.
 
     Returns:
         A :class:`QuantizedDenoiser` (``.quant`` says what was done), under the same guidance as ``den``.
@@ -158,16 +159,19 @@ def quantize(den: Denoiser | str | os.PathLike, scheme: str, *, calibration: Map
     keep = ends_of(inner, net) if parsed.keep_ends else {}
     hessians = ranges.hessians if ranges is not None and rounding == "gptq" else None
     if parsed.kernel is not None:
-        layers, skipped, nearest = apply_kernel(net, parsed, keep=keep, hessians=hessians)
+        layers, skipped, nearest = apply_kernel(net, parsed.kernel, keep=keep, hessians=hessians)
     else:
         layers, skipped, nearest = _apply_fake(net, parsed, ranges, keep=keep, hessians=hessians)
     if ranges is not None and hessians is not None:
         nearest = {**nearest, **{k: v for k, v in ranges.no_hessian.items() if k in nearest}}
     info = QuantInfo(parsed.text, layers, skipped, ranges, rounding, nearest)
-    return _rewrap(den, _rebuild(inner, net, info))
+    return _rewrap(den, rebuild(inner, net, info))
 
 
-def _rebuild(den: ModelDenoiser, net: nn.Module, info: QuantInfo) -> QuantizedDenoiser:
+def rebuild(den: ModelDenoiser, net: nn.Module, info: QuantInfo) -> QuantizedDenoiser:
+    """A :class:`QuantizedDenoiser` on ``net`` (a quantized copy of ``den``'s network) described by ``info``, with
+    everything else of ``den``: schedule, prediction, native time, dtype, family, and what ``from_diffusers``
+    attached."""
     new = QuantizedDenoiser(net, den.schedule, prediction=den.prediction, native_time=den.native_time,
                             dtype=den.dtype, default_cond=den.default_cond, family=den.family,
                             sigma_data=den.sigma_data, quant=info)
@@ -175,6 +179,8 @@ def _rebuild(den: ModelDenoiser, net: nn.Module, info: QuantInfo) -> QuantizedDe
         if key not in vars(new):
             setattr(new, key, value)
     return new
+
+
 
 
 def _rewrap(den: Denoiser, inner: QuantizedDenoiser) -> Denoiser:
@@ -275,9 +281,8 @@ def _apply_fake(net: nn.Module, scheme: Scheme, ranges: ActivationRanges | None,
 
 def _stored_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor as stored: a tensor subclass (torchao's) by its inner tensors (int8 data, scales)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(t):
+    # a traceable wrapper subclass (torch's protocol, whose test torch keeps private): it flattens to inner tensors
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__") and hasattr(t, "__tensor_unflatten__"):
         names, _ = t.__tensor_flatten__()
         return sum(_stored_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()

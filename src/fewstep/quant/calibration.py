@@ -35,13 +35,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fewstep.grids import explicit, make_grid
+from fewstep.grids import DEFAULT_GRID, explicit, make_grid
 from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["HESSIAN_COLUMNS", "HESSIAN_SAMPLES", "NEVER_RAN", "TARGETS", "ActivationRanges", "calibrate", "channel_dim",
-           "columns", "find_splits", "layer_rows", "network_of", "target_layers"]
+__all__ = ["HESSIAN_COLUMNS", "HESSIAN_SAMPLES", "NEVER_RAN", "TARGETS", "ActivationRanges", "CalibrationSession",
+           "InputObserver", "calibrate", "channel_dim", "columns", "find_splits", "layer_rows", "network_of",
+           "target_layers"]
 
 TARGETS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 """The layers quantized: weights always, inputs for the schemes that quantize activations."""
@@ -111,7 +112,7 @@ class _CatTracker(TorchFunctionMode):
         return out
 
 
-class _Session:
+class CalibrationSession:
     """What the observers of one calibration share: whether this evaluation is observed, the cat tracker of the
     evaluation that finds the splits, whether (and up to how many columns) to gather Hessians."""
 
@@ -143,11 +144,11 @@ def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return u.transpose(1, 2).reshape(-1, u.shape[1])
 
 
-class _Observer:
+class InputObserver:
     """Forward pre-hook on one layer: per-part running min/max of its input over the observed evaluations, and,
     when the session asks, the running sum of ``x x^T`` over its input rows (:func:`layer_rows`)."""
 
-    def __init__(self, session: _Session) -> None:
+    def __init__(self, session: CalibrationSession) -> None:
         self.session = session
         self.sizes: tuple[int, ...] | None = None
         self.count = 0
@@ -200,7 +201,7 @@ class _Observed(Denoiser):
     """``den`` with its network's observers switched on at the observed times (every time: ``at=None``) and the
     cat tracker on during the first evaluation."""
 
-    def __init__(self, inner: Denoiser, session: _Session, at: float | None) -> None:
+    def __init__(self, inner: Denoiser, session: CalibrationSession, at: float | None) -> None:
         self.inner, self.session, self.at = inner, session, at
         self.schedule, self.required_cond = inner.schedule, inner.required_cond
 
@@ -261,11 +262,11 @@ HESSIAN_COLUMNS = 4096
 layers are rounded to nearest (listed in ``ActivationRanges.no_hessian``)."""
 
 
-def _attach(net: nn.Module, session: _Session) -> tuple[dict[str, _Observer], list[Any]]:
-    observers: dict[str, _Observer] = {}
+def _attach(net: nn.Module, session: CalibrationSession) -> tuple[dict[str, InputObserver], list[Any]]:
+    observers: dict[str, InputObserver] = {}
     handles = []
     for name, layer in target_layers(net):
-        observers[name] = _Observer(session)
+        observers[name] = InputObserver(session)
         handles.append(layer.register_forward_pre_hook(observers[name]))
     if not observers:
         for h in handles:
@@ -282,7 +283,7 @@ def calibrate(
     seeds: str | int | Sequence[int] = "1000-1127",
     cond: Cond = None,
     shape: Sequence[int] | None = None,
-    grid: str = "logsnr",
+    grid: str = DEFAULT_GRID,
     mode: str = "trajectory",
     t: float | None = None,
     split: bool = True,
@@ -330,7 +331,7 @@ def calibrate(
     for key, value in (("hessian_columns", hessian_columns), ("hessian_samples", hessian_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    session = _Session(split, hessian_columns if hessians else 0, hessian_samples)
+    session = CalibrationSession(split, hessian_columns if hessians else 0, hessian_samples)
     observers, handles = _attach(model_den.model, session)
     try:
         with torch.no_grad():
@@ -361,7 +362,7 @@ def find_splits(den: Denoiser, *, cond: Cond = None, shape: Sequence[int] | None
     if shape is None:
         shape = model_den.sample_shape
     t = den.schedule.t_max if t is None else float(t)
-    session = _Session(split=True)
+    session = CalibrationSession(split=True)
     observers, handles = _attach(model_den.model, session)
     param = next(model_den.model.parameters(), None)
     x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)) * den.schedule.prior_std(t)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from fewstep.quant.formats import IntFormat, absmax_scale
 
@@ -69,7 +68,7 @@ class Int8Conv2d(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, w, bias, self.stride, _pair(0), self.dilation, self.groups)
+            return F.conv2d(x, w, bias, self.stride, (0, 0), self.dilation, self.groups)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

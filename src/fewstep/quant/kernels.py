@@ -1,7 +1,8 @@
 """torchao's real kernels (int8 weight-only, int8 dynamic activation x int8 weight, float8 weight-only), applied to
 the layers whose kernel runs on this device, and the import noise of torchao 0.18 kept off the user's terminal.
-torchao 0.18 has no int8 convolution: ``int8wo`` stores convolutions as :class:`~fewstep.quant.conv.Int8Conv2d`
-(int8 weights dequantized in each forward: a memory saving, not a speed-up).
+What each kernel scheme applies is its registry entry (:class:`~fewstep.quant.schemes.Kernel`). torchao 0.18 has no
+int8 convolution: ``int8wo``'s entry stores convolutions as :class:`~fewstep.quant.conv.Int8Conv2d` (int8 weights
+dequantized in each forward: a memory saving, not a speed-up).
 
 torchao is imported only here, and only when a real-kernel scheme is applied (diffusers 0.42 also imports it when
 it loads a model, if it is installed).
@@ -21,9 +22,9 @@ from fewstep.quant.calibration import NEVER_RAN, target_layers
 from fewstep.quant.conv import Int8Conv2d
 from fewstep.quant.gptq import gptq_round
 from fewstep.quant.records import LayerQuant
-from fewstep.quant.schemes import KERNELS, Scheme
+from fewstep.quant.schemes import Kernel
 
-__all__ = ["apply_kernel", "quiet_import_noise"]
+__all__ = ["apply_kernel", "int8_storage", "probe_kernel", "quiet_import_noise"]
 
 
 class _KnownNoise(logging.Filter):
@@ -63,17 +64,16 @@ def quiet_import_noise() -> None:
             logger.addFilter(_KnownNoise(*patterns))
 
 
-def _torchao(scheme: Scheme) -> tuple[Any, Any]:
-    """torchao's config for ``scheme`` and its ``quantize_``; ``ValueError`` naming the fake-quant alternative when
-    torchao is not installed."""
-    config_name, alternative = KERNELS[scheme.kernel]
+def _torchao(kernel: Kernel) -> tuple[Any, Any]:
+    """torchao's config for ``kernel`` and its ``quantize_``; ``ValueError`` naming the fake-quant twin when torchao
+    is not installed."""
     quiet_import_noise()
     try:
         import torchao.quantization as tq
     except ImportError:
-        raise ValueError(f"scheme {scheme.kernel!r} needs torchao (pip install torchao==0.18.0); the fake-quant "
-                         f"scheme {alternative!r} simulates it without") from None
-    return getattr(tq, config_name)(), tq.quantize_
+        raise ValueError(f"scheme {kernel.name!r} needs torchao (pip install torchao==0.18.0); the fake-quant "
+                         f"scheme {kernel.twin!r} simulates it without") from None
+    return getattr(tq, kernel.config)(), tq.quantize_
 
 
 def _signature(layer: nn.Module) -> tuple[Any, ...]:
@@ -82,7 +82,7 @@ def _signature(layer: nn.Module) -> tuple[Any, ...]:
     return type(layer), tuple(w.shape), w.dtype, w.device, layer.bias is None, extra
 
 
-def _probe(layer: nn.Module, config: Any, quantize_: Any) -> str | None:
+def probe_kernel(layer: nn.Module, config: Any, quantize_: Any) -> str | None:
     """``None`` when torchao's kernel quantizes and runs a copy of ``layer`` on its device and dtype, else why not."""
     probe = nn.Sequential(copy.deepcopy(layer))
     w = layer.weight
@@ -100,20 +100,21 @@ def _probe(layer: nn.Module, config: Any, quantize_: Any) -> str | None:
     return None
 
 
-def apply_kernel(net: nn.Module, scheme: Scheme, *, keep: Mapping[str, str] | None = None,
+def apply_kernel(net: nn.Module, kernel: Kernel, *, keep: Mapping[str, str] | None = None,
                  hessians: Mapping[str, torch.Tensor] | None = None
                  ) -> tuple[dict[str, LayerQuant], dict[str, str], dict[str, str]]:
-    """torchao's ``quantize_`` on every layer of ``net`` (in place: pass a copy) whose kernel runs here, probed once
-    per layer shape on a copy of the layer; layers it cannot run stay float, listed with the reason in the second
-    dict (torchao 0.18 has no int8 or float8 convolution), as do the layers in ``keep`` (name -> why). ``int8wo``
-    replaces every ``nn.Conv2d`` by fewstep's :class:`~fewstep.quant.conv.Int8Conv2d` instead (int8 storage, float
-    compute: memory, not speed). ``ValueError`` naming the device and the fake-quant alternative when torchao's
-    kernel runs on none of its layers: the device lacks the kernel.
+    """torchao's ``quantize_`` with ``kernel.config`` on every layer of ``net`` (in place: pass a copy) whose kernel
+    runs here, probed once per layer shape on a copy of the layer (:func:`probe_kernel`); layers it cannot run stay
+    float, listed with the reason in the second dict (torchao 0.18 has no int8 or float8 convolution), as do the
+    layers in ``keep`` (name -> why). A kernel with a ``conv`` module (``int8wo``: fewstep's
+    :class:`~fewstep.quant.conv.Int8Conv2d`, int8 storage, float compute: memory, not speed) replaces every
+    ``nn.Conv2d`` by it instead. ``ValueError`` naming the device and the fake-quant twin when torchao's kernel runs
+    on none of its layers: the device lacks the kernel.
 
     With ``hessians`` (layer name -> Hessian of its inputs), the int8 codes are then re-chosen by GPTQ
     (:func:`_gptq_codes`) on torchao's own scales; the third dict lists the layers rounded to nearest and why."""
     keep = dict(keep or {})
-    config, quantize_ = _torchao(scheme)
+    config, quantize_ = _torchao(kernel)
     probes: dict[tuple[Any, ...], str | None] = {}
     ok: list[tuple[str, nn.Module]] = []
     convs: list[str] = []
@@ -124,38 +125,39 @@ def apply_kernel(net: nn.Module, scheme: Scheme, *, keep: Mapping[str, str] | No
         if name in keep:
             skipped[name] = keep[name]
             continue
-        if scheme.kernel == "int8wo" and type(layer) is nn.Conv2d and name:  # a submodule: replaced below
+        if kernel.conv is not None and type(layer) is nn.Conv2d and name:  # a submodule: replaced below
             convs.append(name)
             continue
         key = _signature(layer)
         if key not in probes:
-            probes[key] = _probe(layer, config, quantize_)
+            probes[key] = probe_kernel(layer, config, quantize_)
             if probes[key] is not None:
                 reasons.append((not isinstance(layer, nn.Linear), probes[key]))
         if probes[key] is None:
             ok.append((name, layer))
         else:
-            skipped[name] = f"no torchao {scheme.kernel} kernel for this layer ({probes[key]})"
+            skipped[name] = f"no torchao {kernel.name} kernel for this layer ({probes[key]})"
     if not ok and (reasons or not convs):  # torchao's kernel runs on none of the layers it is for
         param = next(net.parameters())
         why = min(reasons)[1] if reasons else "no nn.Linear or nn.Conv2d layers"  # a Linear layer's reason first
-        raise ValueError(f"scheme {scheme.kernel!r} has no torchao kernel on this device ({param.device.type}, "
+        raise ValueError(f"scheme {kernel.name!r} has no torchao kernel on this device ({param.device.type}, "
                          f"{str(param.dtype).removeprefix('torch.')} layers: {why}); the fake-quant scheme "
-                         f"{KERNELS[scheme.kernel][1]!r} simulates it")
+                         f"{kernel.twin!r} simulates it")
     originals = {} if hessians is None else {name: layer.weight.detach().clone() for name, layer in ok}
     originals.update({} if hessians is None else {name: net.get_submodule(name).weight.detach().clone()
                                                   for name in convs})
     chosen = {id(layer) for _, layer in ok}
     if chosen:
         quantize_(net, config, filter_fn=lambda m, fqn: id(m) in chosen)
-    act = "int8 dynamic" if scheme.kernel == "int8dq" else None
-    layers = {name: LayerQuant(type(layer.weight).__name__, 8, layer.weight.shape[0], act, None, type(config).__name__)
-              for name, layer in ok}
+    fmt = kernel.weight
+    layers = {name: LayerQuant(type(layer.weight).__name__, fmt.bits, layer.weight.shape[0], kernel.act, None,
+                               type(config).__name__) for name, layer in ok}
     for name in convs:
+        assert kernel.conv is not None  # convs is filled only for a kernel with a conv module
         parent, _, child = name.rpartition(".")
-        conv = Int8Conv2d(net.get_submodule(name))
+        conv = kernel.conv(net.get_submodule(name))
         setattr(net.get_submodule(parent) if parent else net, child, conv)
-        layers[name] = LayerQuant("int8", 8, conv.out_channels, None, None, type(conv).__name__)
+        layers[name] = LayerQuant(fmt.name, fmt.bits, conv.out_channels, None, None, type(conv).__name__)
     nearest: dict[str, str] = {}
     for name, w in originals.items():
         hessian = hessians.get(name) if hessians is not None else None
@@ -165,7 +167,7 @@ def apply_kernel(net: nn.Module, scheme: Scheme, *, keep: Mapping[str, str] | No
     return {name: layers[name] for name, _ in targets if name in layers}, skipped, nearest
 
 
-def _int8_storage(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+def int8_storage(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(codes, scales)`` of a layer's int8 weight, stored as ``W_hat = scales * codes`` per output channel (codes
     int8 in [-128, 127], scales rows x 1), that can be rewritten in place: fewstep's :class:`Int8Conv2d`, or torchao
     0.18's symmetric ``Int8Tensor`` (``qdata``, ``scale``, zero ``zero_point``); ``None`` for any other storage."""
@@ -185,7 +187,7 @@ def _int8_storage(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
 def _gptq_codes(layer: nn.Module, w: torch.Tensor, hessian: torch.Tensor) -> str | None:
     """Rewrite a quantized layer's int8 codes by GPTQ (:mod:`fewstep.quant.gptq`) from its float weight ``w``, on the
     scales torchao (or :class:`Int8Conv2d`) chose; ``None`` when done, else why the codes stay round-to-nearest."""
-    storage = _int8_storage(layer)
+    storage = int8_storage(layer)
     if storage is None:
         return f"GPTQ needs per-channel int8 codes; {type(layer.weight).__name__} stores otherwise"
     codes, scale = storage

@@ -1,11 +1,12 @@
-"""Quantization schemes: the registry the CLI lists and the grammar of a scheme string.
+"""Quantization schemes: the registry the CLI lists (:data:`KERNEL_SCHEMES`, whose :class:`Kernel` entries hold
+every decision about a torchao kernel, and :data:`FAKE_SCHEMES`) and the grammar of a scheme string.
 
 Grammar (:func:`parse_scheme`)::
 
     scheme := name [":" key "=" value]...          knobs as in fewstep.spec (cache and solver specs)
             | "fp:" format [":" key "=" value]...  the fp family names its format first
-    name   := int8wo | int8dq | fp8wo              torchao's real kernels (nn.Linear layers; int8wo stores
-                                                   nn.Conv2d as int8 too, fewstep.quant.conv)
+    name   := a key of KERNEL_SCHEMES              torchao's real kernels, int8wo | int8dq | fp8wo (nn.Linear
+                                                   layers; int8wo stores nn.Conv2d as int8 too, fewstep.quant.conv)
             | "w" N | "w" N "a" M                  fake-quant integers: N-bit weights per output channel (2..16),
                                                    M-bit activations per tensor, calibrated (2..16)
     format := "e" X "m" Y                          fake-quant E<X>M<Y> weights per output channel (e4m3, e5m2, e2m1)
@@ -16,7 +17,8 @@ Knobs of every scheme:
 * ``round=gptq`` or ``nearest``: how weights take their grid points. ``gptq`` compensates each weight's rounding
   error on the weights not yet rounded, under Hessians of the layer inputs gathered over the calibration run
   (:mod:`fewstep.quant.gptq`); ``nearest`` rounds each weight alone (what torchao's ``quantize_`` does). Default:
-  ``gptq`` when a calibration run is given, ``nearest`` without one (``fp8wo``: always ``nearest``).
+  ``gptq`` when a calibration run is given, ``nearest`` without one (a kernel whose entry says GPTQ does not
+  apply, ``fp8wo``: always ``nearest``, and ``round=gptq`` is refused).
 * ``group=G`` (fake-quant weight formats): one scale per ``G`` consecutive input columns of each output channel
   (a convolution's columns are channel-major, then kernel positions) instead of one per channel; more scales stored
   (``4 / G`` bytes a weight), less rounding error at low widths (the groups of GPTQ and AWQ's 4-bit weights).
@@ -46,23 +48,68 @@ from dataclasses import dataclass
 from typing import Any
 
 from fewstep.grids import suggest
+from fewstep.quant.conv import Int8Conv2d
 from fewstep.quant.formats import Format, FPFormat, IntFormat, parse_format
 from fewstep.spec import parse_options
 
-__all__ = ["KERNELS", "SCHEMES", "Scheme", "parse_scheme"]
+__all__ = ["FAKE_SCHEMES", "KERNELS", "KERNEL_SCHEMES", "SCHEMES", "Kernel", "Scheme", "parse_scheme"]
 
-KERNELS: dict[str, tuple[str, str]] = {
-    "int8wo": ("Int8WeightOnlyConfig", "w8"),
-    "int8dq": ("Int8DynamicActivationInt8WeightConfig", "w8a8"),
-    "fp8wo": ("Float8WeightOnlyConfig", "fp:e4m3"),
-}
-"""torchao's real-kernel schemes: the torchao config each applies, and the fake-quant scheme that simulates it."""
 
-SCHEMES: dict[str, str] = {
-    "int8wo": "int8 weight-only, per output channel: torchao's kernel on nn.Linear, int8-stored nn.Conv2d "
-              "dequantized per call (saves memory, not time)",
-    "int8dq": "torchao int8 dynamic per-token activations x int8 weights (real kernel; nn.Linear layers)",
-    "fp8wo": "torchao float8 E4M3 weight-only, per output channel (real kernel where the device has it)",
+@dataclass(frozen=True)
+class Kernel:
+    """The registry entry of one torchao real-kernel scheme: everything fewstep decides about it, read from here.
+
+    Attributes:
+        name: the scheme's name.
+        description: one line for the CLI and the docs.
+        config: the ``torchao.quantization`` config class the scheme applies (built with no arguments).
+        twin: the fake-quant scheme that simulates it: the same weight format per output channel (:attr:`weight`),
+            and quantized activations (per tensor, calibrated) where the kernel quantizes them (per token,
+            dynamically). Errors name it where torchao or its kernel is missing.
+        gptq: whether GPTQ may re-choose the stored codes on torchao's scales (:mod:`fewstep.quant.gptq`);
+            ``False``: weights always round to nearest, ``round=gptq`` is refused and no calibration is taken.
+        act: what the kernel does to a layer's input, as :class:`~fewstep.quant.LayerQuant` records it, or ``None``
+            (float inputs).
+        conv: the module storing an ``nn.Conv2d`` in :attr:`weight`'s format, which the scheme puts in place of
+            every convolution (torchao 0.18 has no convolution kernel), or ``None``: convolutions are probed like
+            any layer, and stay float where torchao's kernel does not run.
+    """
+
+    name: str
+    description: str
+    config: str
+    twin: str
+    gptq: bool
+    act: str | None = None
+    conv: type[Int8Conv2d] | None = None
+
+    @property
+    def weight(self) -> Format:
+        """The stored weight format: :attr:`twin`'s."""
+        fmt = parse_scheme(self.twin).weight
+        if fmt is None:
+            raise TypeError(f"{self.name}'s twin {self.twin!r} names no weight format")
+        return fmt
+
+    @property
+    def calibratable(self) -> bool:
+        """Whether a calibration run changes the scheme's result: only through GPTQ's Hessians, as the kernels'
+        activations are float or quantized dynamically (no calibrated ranges)."""
+        return self.gptq
+
+
+KERNEL_SCHEMES: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("int8wo", "int8 weight-only, per output channel: torchao's kernel on nn.Linear, int8-stored nn.Conv2d "
+                     "dequantized per call (saves memory, not time)",
+           config="Int8WeightOnlyConfig", twin="w8", gptq=True, conv=Int8Conv2d),
+    Kernel("int8dq", "torchao int8 dynamic per-token activations x int8 weights (real kernel; nn.Linear layers)",
+           config="Int8DynamicActivationInt8WeightConfig", twin="w8a8", gptq=True, act="int8 dynamic"),
+    Kernel("fp8wo", "torchao float8 E4M3 weight-only, per output channel (real kernel where the device has it)",
+           config="Float8WeightOnlyConfig", twin="fp:e4m3", gptq=False),
+)}
+"""torchao's real-kernel schemes: name -> :class:`Kernel`, the registry every kernel decision reads."""
+
+FAKE_SCHEMES: dict[str, str] = {
     "w8": "fake-quant int8 weights, symmetric per output channel",
     "w4": "fake-quant int4 weights, symmetric per output channel",
     "w8a8": "fake-quant int8 weights + int8 activations per tensor (calibrated over the trajectory)",
@@ -72,8 +119,16 @@ SCHEMES: dict[str, str] = {
     "fp:e2m1": "fake-quant FP4 E2M1 weights (OCP MX, max 6) per output channel",
     "fp:search": "fake-quant FP weights of bits=B (default 4), exponent/mantissa split searched per layer",
 }
-"""Public scheme names -> one-line descriptions (the list the CLI and the docs read). ``wNaM`` and ``fp:eXmY`` take
-any widths, not only the ones listed."""
+"""The listed fake-quant schemes -> one-line descriptions (the grammar's ``wNaM`` and ``fp:eXmY`` take any widths);
+their behaviour is what :func:`parse_scheme` reads from the name's formats."""
+
+SCHEMES: dict[str, str] = {**{name: k.description for name, k in KERNEL_SCHEMES.items()}, **FAKE_SCHEMES}
+"""Public scheme names -> one-line descriptions (the list the CLI and the docs read): :data:`KERNEL_SCHEMES`'
+descriptions, then :data:`FAKE_SCHEMES`. ``wNaM`` and ``fp:eXmY`` take any widths, not only the ones listed."""
+
+KERNELS: dict[str, tuple[str, str]] = {name: (k.config, k.twin) for name, k in KERNEL_SCHEMES.items()}
+"""torchao's real-kernel schemes: the torchao config each applies, and the fake-quant scheme that simulates it
+(derived from :data:`KERNEL_SCHEMES`)."""
 
 CALIBRATIONS = ("trajectory", "single")
 ROUNDINGS = ("gptq", "nearest")
@@ -81,10 +136,11 @@ ROUNDINGS = ("gptq", "nearest")
 
 @dataclass(frozen=True)
 class Scheme:
-    """A parsed scheme: either a torchao ``kernel`` or fake-quant ``weight`` (and ``act``) formats."""
+    """A parsed scheme: either a torchao ``kernel`` (its registry entry) or fake-quant ``weight`` (and ``act``)
+    formats."""
 
     text: str
-    kernel: str | None = None
+    kernel: Kernel | None = None
     weight: Format | None = None
     act: Format | None = None
     search_bits: int | None = None  # fp:search: the width whose exponent/mantissa split each layer chooses
@@ -102,15 +158,25 @@ class Scheme:
         return self.act is not None or self.round == "gptq"
 
     @property
+    def gptq(self) -> bool:
+        """Whether GPTQ can round the scheme's weights: every fake-quant format; a torchao kernel as its entry says
+        (:attr:`Kernel.gptq`)."""
+        return _gptq_applies(self.kernel)
+
+    @property
     def calibratable(self) -> bool:
         """Whether a calibration run changes the result: :attr:`calibrated`, or weights rounded by GPTQ by default."""
-        return self.calibrated or (self.round is None and self.kernel != "fp8wo")
+        return self.calibrated or (self.round is None and self.gptq)
 
     def rounding(self, calibrated: bool) -> str:
         """``"gptq"`` or ``"nearest"``: the weight rounding with (``calibrated``) or without a calibration run."""
         if self.round is not None:
             return self.round
-        return "gptq" if calibrated and self.kernel != "fp8wo" else "nearest"
+        return "gptq" if calibrated and self.gptq else "nearest"
+
+
+def _gptq_applies(kernel: Kernel | None) -> bool:
+    return kernel is None or kernel.gptq
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -128,7 +194,7 @@ def parse_scheme(text: str) -> Scheme:
     weight: Format | None = None
     act: Format | None = None
     search_bits: int | None = None
-    kernel: str | None = None
+    kernel: Kernel | None = None
     if name == "fp":
         if not items or "=" in items[0]:
             raise ValueError(f"bad scheme {text!r}: the fp family names its format first (fp:e4m3, fp:e2m1, "
@@ -147,8 +213,8 @@ def parse_scheme(text: str) -> Scheme:
         name = f"fp:{fmt}"
     else:
         knobs = parse_options(items)
-        if name in KERNELS:
-            kernel = name
+        if name in KERNEL_SCHEMES:
+            kernel = KERNEL_SCHEMES[name]
         elif m := re.fullmatch(r"w(\d+)(?:a(\d+))?", name):
             weight = _int_format(m[1], "weight", text)
             act = None if m[2] is None else _int_format(m[2], "activation", text)
@@ -159,9 +225,9 @@ def parse_scheme(text: str) -> Scheme:
     rnd = knobs.pop("round", None)
     if rnd is not None and rnd not in ROUNDINGS:
         raise ValueError(f"round must be one of {', '.join(ROUNDINGS)}, got {rnd!r}")
-    if rnd == "gptq" and kernel == "fp8wo":
-        raise ValueError("fp8wo rounds to nearest (GPTQ onto torchao's float8 tensors is not built); "
-                         "fp:e4m3:round=gptq simulates it")
+    if rnd == "gptq" and kernel is not None and not kernel.gptq:
+        raise ValueError(f"{kernel.name} rounds to nearest (GPTQ onto torchao's {kernel.weight.name} tensors is not "
+                         f"built); {kernel.twin}:round=gptq simulates it")
     keep_ends = _bool("keep_ends", knobs.pop("keep_ends", True))
     group = None
     if "group" in knobs and kernel is None:
@@ -169,7 +235,7 @@ def parse_scheme(text: str) -> Scheme:
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"group must be a positive number of input columns per scale, got {group!r}")
     calibration, t, split = "trajectory", None, True
-    calibratable = act is not None or (rnd != "nearest" and kernel != "fp8wo")
+    calibratable = act is not None or (rnd != "nearest" and _gptq_applies(kernel))
     if calibratable:
         calibration = knobs.pop("calibration", "trajectory")
         if calibration not in CALIBRATIONS:
@@ -183,7 +249,7 @@ def parse_scheme(text: str) -> Scheme:
             t = float(t)
         split = _bool("split", knobs.pop("split", True))
     if knobs:
-        what = "a torchao kernel scheme" if kernel else "this scheme"
+        what = "a torchao kernel scheme" if kernel is not None else "this scheme"
         extra = "" if calibratable else " (calibration knobs are for calibrated schemes: activations, round=gptq)"
         raise ValueError(f"{what} {name!r} takes no knob {sorted(knobs)[0]!r}{extra}")
     return Scheme(text=text.strip(), kernel=kernel, weight=weight, act=act, search_bits=search_bits,
@@ -200,7 +266,7 @@ def _int_format(digits: str, what: str, text: str) -> IntFormat:
 def _fp_format(fmt: str, text: str) -> FPFormat:
     m = re.fullmatch(r"e(\d+)m(\d+)", fmt)
     if m is None:
-        known = [k.partition(":")[2] for k in SCHEMES if k.startswith("fp:")]
+        known = [k.partition(":")[2] for k in FAKE_SCHEMES if k.startswith("fp:")]
         raise ValueError(f"unknown fp format {fmt!r} in {text!r}{suggest(fmt, known)}; expected e<exp>m<man> "
                          f"(e4m3, e5m2, e2m1) or search")
     try:
