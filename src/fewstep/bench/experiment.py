@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from fewstep.conditioning import Labels
 from fewstep.grids import DEFAULT_GRID, GRIDS, suggest
 from fewstep.noise import parse_seeds
 from fewstep.solvers import SOLVERS
@@ -53,6 +54,10 @@ class Experiment:
     before it existed. A quantized key also holds :data:`QUANT_REV`, so rows stored before GPTQ rounding and float
     ends became the defaults are not taken for this revision's.
 
+    ``labels``: the conditioning source of the seeds (:class:`fewstep.conditioning.Labels`: a class, a list or
+    range cycled over the seeds, or ``cycle``; ``""``: the model's default conditioning), the same for the row, its
+    reference and diffusers' rows; part of the key only when set.
+
     ``plan`` (with its row label ``name``): a :class:`~fewstep.plan.Plan`'s JSON, run as ``Plan.build`` makes it
     (see :meth:`of_plan`); the other fields then repeat the plan's, and the key covers the whole plan, so an edited
     plan is a new experiment.
@@ -71,6 +76,7 @@ class Experiment:
     dtype: str = "float32"  # of the network (fewstep.plan.DTYPES); float16/bfloat16 keep a float32 state
     device: str = "cpu"  # where the network, the noise and the state go (references and errors stay on the CPU)
     quant: str = ""  # a quantization scheme: "int8wo", "w8", "w4a8" (fewstep.quant.SCHEMES)
+    labels: str = ""  # the conditioning source: class labels "3", "0-4", "cycle" (fewstep.conditioning.Labels)
 
     def __post_init__(self) -> None:
         from fewstep.bench.peers import PEERS
@@ -102,11 +108,20 @@ class Experiment:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         parse_seeds(self.seeds)
+        if not isinstance(self.labels, str):
+            raise ValueError(f"labels must be a spec string such as '3', '0-4' or 'cycle' ('' for none), "
+                             f"got {self.labels!r}")
+        Labels.of(self.labels)  # its syntax; the classes are checked against the model when it runs
         if self.cache and self.backend != "fewstep":
             raise ValueError("caches apply to fewstep runs only")
         object.__setattr__(self, "options", dict(sorted(dict(self.options).items())))
         if self.backend == "fewstep" and self.plan is None:
             self.as_plan()  # the solver's knobs, the cache and quantization as a plan checks them
+
+    @property
+    def conditioning(self) -> Labels | None:
+        """The conditioning source of the seeds (``None``: the model's default conditioning)."""
+        return Labels.of(self.labels)
 
     @property
     def diffusers_cache(self) -> str:
@@ -128,11 +143,12 @@ class Experiment:
                     device=self.device, quant=self.quant)
 
     @classmethod
-    def of_plan(cls, plan: Plan, *, name: str, seeds: str = "0-255") -> Experiment:
-        """The experiment that runs ``plan`` on its own model from the noise of ``seeds``, labelled ``name``."""
+    def of_plan(cls, plan: Plan, *, name: str, seeds: str = "0-255", labels: str = "") -> Experiment:
+        """The experiment that runs ``plan`` on its own model from the noise of ``seeds`` (conditioned on
+        ``labels``), labelled ``name``."""
         return cls(plan.model, plan.solver, int(plan.steps or 0), plan.grid, seeds, options=plan.solver_options,
                    cache=plan.cache, plan=plan.to_dict(), name=name, dtype=plan.dtype, device=plan.device,
-                   quant=plan.quant)
+                   quant=plan.quant, labels=labels)
 
     def unquantized(self) -> Experiment:
         """This experiment on the float network: everything else (noise, solver, steps, grid, cache, dtype, device;
@@ -142,7 +158,7 @@ class Experiment:
         from fewstep.plan import Plan
 
         plan = replace(Plan.from_dict(self.plan), quant="")
-        return Experiment.of_plan(plan, name=self.name, seeds=self.seeds)
+        return Experiment.of_plan(plan, name=self.name, seeds=self.seeds, labels=self.labels)
 
     def _check_plan(self) -> None:
         from fewstep.plan import Plan
@@ -166,8 +182,9 @@ class Experiment:
             return self.name
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         name = self.solver + (f"({opts})" if opts else "") + (f"+{self.cache}" if self.cache else "")
-        where = ", ".join(v for v, default in ((self.quant, ""), (self.device, "cpu"), (self.dtype, "float32"))
-                          if v != default)
+        labels = f"labels={self.labels}" if self.labels else ""
+        where = ", ".join(v for v, default in ((labels, ""), (self.quant, ""), (self.device, "cpu"),
+                                               (self.dtype, "float32")) if v != default)
         name += f" [{where}]" if where else ""
         return f"diffusers:{name}" if self.backend == "diffusers" else name
 
@@ -184,6 +201,8 @@ class Experiment:
             del out["dtype"]
         if self.plan is not None or self.device == "cpu":
             del out["device"]
+        if not self.labels:  # keys of rows on the model's default conditioning, as before sources existed
+            del out["labels"]
         if self.plan is not None or not self.quant:  # unquantized keys as before quantization existed
             del out["quant"]
         else:  # rows of the first revision rounded every layer to nearest: not this revision's results
@@ -245,6 +264,7 @@ def sweep(
     dtype: str = "float32",
     device: str = "cpu",
     quants: Sequence[str] = ("",),
+    labels: str = "",
 ) -> list[Experiment]:
     """The product models x solvers x steps (fewstep), plus diffusers' counterpart of each solver that has one
     (``with_diffusers``) and any diffusers ``peers`` named explicitly (e.g. ``"SA-Solver"``). A solver may carry
@@ -263,7 +283,7 @@ def sweep(
 
     ``dtype``, ``device``: where the fewstep and diffusers runs go (:class:`Experiment`); plans run as they say.
     ``quants``: quantization schemes each fewstep run is repeated with (``""`` or ``"none"``: the float network);
-    diffusers rows run the float network."""
+    diffusers rows run the float network. ``labels``: the conditioning source of every row (:class:`Experiment`)."""
     from fewstep.bench.peers import PEERS, applicable, compatible, counterpart
     from fewstep.plan import placement
     from fewstep.spec import parse_spec
@@ -273,7 +293,8 @@ def sweep(
     specs = [parse_spec(s) for s in solvers]
     caches = ["" if c in ("", "none") else c for c in caches]
     quants = list(dict.fromkeys("" if q.strip() in ("", "none") else q.strip() for q in quants))
-    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c, dtype=dtype, device=device, quant=q)
+    out = [Experiment(m, name, n, grid, seeds, options=opts, cache=c, dtype=dtype, device=device, quant=q,
+                      labels=labels)
            for m, (name, opts), n, c, q in itertools.product(models, specs, steps, caches, quants)]
     for p in peers:  # up front: an unknown label must not pass silently as 'not applicable'
         if p not in PEERS:
@@ -288,13 +309,13 @@ def sweep(
                                  f"{config.get('_class_name')}); peers that apply to it: "
                                  + ", ".join(applicable(config)))
         auto = [p for p in chosen if compatible(p, config)]
-        out += [Experiment(m, p, n, grid, seeds, backend="diffusers", dtype=dtype, device=device)
+        out += [Experiment(m, p, n, grid, seeds, backend="diffusers", dtype=dtype, device=device, labels=labels)
                 for p, n in itertools.product(dict.fromkeys([*auto, *named]), steps)]
     taken = {(e.model, e.label) for e in out}
     for name, plan in (plans or {}).items():
         if (plan.model, name) in taken:
             raise ValueError(f"plan {name!r} has the label of another {plan.model} row; rename the plan file")
-        out.append(Experiment.of_plan(plan, name=name, seeds=seeds))
+        out.append(Experiment.of_plan(plan, name=name, seeds=seeds, labels=labels))
     return out
 
 

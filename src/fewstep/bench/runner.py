@@ -94,28 +94,36 @@ class Context:
         return z * s.prior_std(s.t_max)
 
     def reference(self, exp: Experiment) -> torch.Tensor:
-        """The PF-ODE reference of ``exp``'s model and seeds, solved once for every sweep on the store: the
-        solve is claimed like an experiment, and a sweep that finds it claimed by another live one waits for it.
-        It is one for every device and dtype: the float32 network on the CPU from float32 noise."""
-        token = _Token(f"reference:{exp.model}:{exp.seeds}")
+        """The PF-ODE reference of ``exp``'s model, seeds and conditioning, solved once for every sweep on the
+        store: the solve is claimed like an experiment, and a sweep that finds it claimed by another live one waits
+        for it. It is one for every device and dtype: the float32 network on the CPU from float32 noise. Its store
+        key is the seeds, and the conditioning source's fingerprint after ``|`` when the row has one."""
+        seeds = exp.seeds if exp.conditioning is None else f"{exp.seeds}|{exp.conditioning.fingerprint}"
+        token = _Token(f"reference:{exp.model}:{seeds}")
         while True:
-            cached = self.store.reference(exp.model, exp.seeds)
+            cached = self.store.reference(exp.model, seeds)
             if cached is not None:
                 return cached[0]
             if self.store.claim(token) == "busy":  # type: ignore[arg-type]
                 time.sleep(0.5)
                 continue
             try:
-                cached = self.store.reference(exp.model, exp.seeds)  # another sweep may have stored it since we looked
+                cached = self.store.reference(exp.model, seeds)  # another sweep may have stored it since we looked
                 if cached is not None:
                     return cached[0]
                 den = self.model(exp.model)
                 x_start = self._noise(exp.model, exp.seeds, device="cpu", dtype="float32")
-                ref, nfe = pf_ode_reference(den, x_start, den.schedule.t_max)
-                self.store.put_reference(exp.model, exp.seeds, ref, nfe)
+                ref, nfe = pf_ode_reference(den, x_start, den.schedule.t_max, cond=self.cond(exp, den))
+                self.store.put_reference(exp.model, seeds, ref, nfe)
             finally:
                 self.store.release(token)  # type: ignore[arg-type]
             return ref
+
+    @staticmethod
+    def cond(exp: Experiment, den: Denoiser) -> Cond:
+        """The conditioning of ``exp``'s seeds (its source's; ``None``: the model's default)."""
+        source = exp.conditioning
+        return None if source is None else source.cond(den, len(parse_seeds(exp.seeds)))
 
     def unquantized(self, exp: Experiment) -> torch.Tensor:
         """The samples (on the CPU) of ``exp`` on the float network, from the same noise with the same solver,
@@ -198,17 +206,21 @@ def _run(exp: Experiment, ctx: Context) -> _Samples:
             timed = _Timed(sampler.denoiser)
         t0 = time.perf_counter()  # quantization and calibration are not part of the run's time
         with peer:
-            out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, hooks=[counter, stats])
+            out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, cond=ctx.cond(exp, den),
+                                                                      hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:
             extra["cache_work"] = stats.mean_work
             extra["cache_reused"] = stats.reused
     else:
-        net, net_dtype = den.model, getattr(den, "dtype", None)
+        net, net_dtype, cond = den.model, getattr(den, "dtype", None), ctx.cond(exp, den)
 
         def timed_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t1 = time.perf_counter()
-            y = net(x if net_dtype is None else x.to(net_dtype), t).sample.to(x.dtype)  # half: a float32 state
+            if cond is None:
+                y = net(x if net_dtype is None else x.to(net_dtype), t).sample.to(x.dtype)  # half: a float32 state
+            else:  # with the family's keywords, as fewstep's rows call it
+                y = den.network(x, float(t), cond)
             _finish(y)
             timed.total[0] += time.perf_counter() - t1
             return y
