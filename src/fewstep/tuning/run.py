@@ -44,7 +44,7 @@ DEFAULT_SOLVERS = ("ddim", "dpmpp_2m")
 NOT_COMPARED: dict[str, str] = {
     "ddim": "searched by default (--solvers)",
     "dpmpp_2m": "searched by default (--solvers)",
-    "euler": "first order in sigma; DDIM, first order in log-SNR, is the first-order row",
+    "euler": "Euler in the EDM frame is DDIM (equal in the tests)",
     "dpm_solver_1": "DPM-Solver-1 is DDIM (equal in the tests)",
     "dpm_solver_3": "3 evaluations a step: at 4-8 NFE at most two steps and the final denoising",
     "dpmpp_3m_compat": "diffusers' coefficient, measured order 2; dpmpp_3m is the row",
