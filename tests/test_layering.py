@@ -13,6 +13,17 @@ SRC = Path(fewstep.__file__).parent
 GRAPH = Graph(SRC)
 MAX_LINES = 600
 
+LAYERS = [  # docs/extending.md's table: a room imports only rooms of its own layer or below
+    {"schedules", "grids", "noise", "spec", "hostfn", "data", "outputs", "hooks", "distributed"},
+    {"solvers", "models", "zoo"},
+    {"sample", "differentiable", "inversion", "multilevel", "bottleneck", "conditioning"},
+    {"quant", "scheduler", "scheduler_export", "pipelines", "caching"},
+    {"plan", "shards"},
+    {"metrics", "bench"},
+    {"tuning"},
+    {"cli", "__main__"},
+]
+
 
 def test_no_import_cycle_between_modules():
     assert cycles(GRAPH.edges()) == []
@@ -22,6 +33,15 @@ def test_no_import_cycle_between_rooms():
     """A room is a subpackage or a top-level module; the graph of rooms has no cycle either (``tuning`` above
     ``bench``, ``differentiable`` above ``models``, the magnitude curve apart from the cache methods)."""
     assert cycles(GRAPH.room_edges()) == []
+
+
+def test_every_room_has_a_layer_and_imports_only_its_own_or_lower_ones():
+    level = {room: k for k, rooms in enumerate(LAYERS) for room in rooms}
+    edges = GRAPH.room_edges()
+    rooms = {GRAPH.room(m) for m in GRAPH.files} - {""}
+    assert rooms - set(level) == set(), "a new room: put it in LAYERS and in docs/extending.md"
+    upward = sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets if level[b] > level[a])
+    assert upward == []
 
 
 def test_the_bench_never_imports_the_tuner():

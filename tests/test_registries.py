@@ -3,6 +3,9 @@ grid is a fixed grid of ``fewstep tune`` unless it opts out with a reason, and e
 ``fewstep tune`` unless it is stochastic or opts out with a reason; tune's diffusers rows are the deterministic
 peers. Side lists are derived from the registries, so a new entry cannot be skipped silently."""
 
+import re
+from pathlib import Path
+
 from tests.test_orders import CASES as ORDER_CASES
 from tests.test_stochastic import WEAK_ORDER_ONE
 
@@ -38,3 +41,11 @@ def test_tunes_diffusers_rows_are_the_deterministic_peers():
     assert all(ours in SOLVERS for _, _, ours in PEERS.values())
     assert {label for label, (_, _, ours) in PEERS.items() if make_solver(ours).stochastic} == \
         set(PEERS) - set(DETERMINISTIC_PEERS)
+
+
+def test_every_solver_is_in_the_readmes_solver_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Solvers", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    named = set(re.findall(r"`([a-z0-9_]+)`", table))
+    assert set(SOLVERS) - named == set()
