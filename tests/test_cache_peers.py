@@ -138,7 +138,11 @@ def test_work_counts_the_blocks_that_really_ran(dit, monkeypatch):
         with DiffusersCache(dit, "fbcache", threshold=threshold) as cached:
             _run(cached, [ran])
         assert len(ran.seen) == 10
-        assert all(work == n / 3 and reused == (n < 3) for n, reused, work in ran.seen)
+        # work is the share of the network's multiply-accumulates computed (fewstep's unit): all of it when the
+        # 3 blocks ran; on a reused step the first block plus the layers around the blocks, the same every time
+        assert all(reused == (n < 3) and (work == 1.0) == (n == 3) for n, reused, work in ran.seen)
+        assert all(1 / 3 < work < 1 / 2 for n, _, work in ran.seen if n < 3)
+        assert len({work for n, _, work in ran.seen if n < 3}) <= 1
         if threshold == 0.0:
             assert {n for n, _, _ in ran.seen} == {3}
         if threshold == 1e9:
@@ -276,3 +280,46 @@ def test_clear_errors(dit):
             pytest.raises(ValueError, match="first call"):
         _run(cached)
     assert not hasattr(unet.model, "_diffusers_hook") and not hasattr(dit.model, "_diffusers_hook")
+
+
+def test_the_block_lists_diffusers_recognises_are_its_own():
+    """fewstep's copy of the block-list names diffusers' block-residual caches look for (diffusers keeps them
+    private) is diffusers' list."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    from fewstep.bench.cache_peers import _STACK_NAMES
+
+    assert frozenset(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS) == _STACK_NAMES
+
+
+def test_work_is_in_the_unit_of_fewsteps_caches(dit):
+    """``work`` is the share of a full evaluation's multiply-accumulates, for diffusers' hooks as for fewstep's
+    caches: FBCache's reused evaluations (block 0 runs, blocks 1 and 2 are skipped) compute ``1 - share(1, 2)``,
+    the shares measured by WorkMeter on a plain forward, and fewstep's first-block cache reusing the same blocks
+    reports the same number."""
+    from fewstep.caching import BlockCache
+    from fewstep.caching.stats import WorkMeter
+
+    net = dit.model
+    meter = WorkMeter(net, dict(enumerate(net.transformer_blocks)))
+    meter.arm()
+    with torch.no_grad():
+        net(torch.randn(4, 1, 8, 8), timestep=torch.full((4,), 500.0), class_labels=torch.full((4,), 10))
+    meter.disarm()
+    skipped = 1.0 - meter.share([1, 2])
+    assert 0.3 < skipped < 0.4  # not the blocks' count (1/3): the embedding and head run too, block 0 is larger
+
+    class Works:
+        def on_start(self, grid):
+            self.seen = []
+
+        def on_cache(self, step, reused, work):
+            self.seen.append((reused, work))
+
+    peer, own = Works(), Works()
+    with DiffusersCache(dit, "fbcache", threshold=1e9) as cached:
+        _run(cached, [peer])
+    _run(BlockCache(dit, threshold=1e9, warmup=1, max_reuse=100), [own])
+    for seen in (peer.seen, own.seen):
+        assert seen[0] == (False, 1.0) and len(seen) == 10
+        assert all(reused and work == pytest.approx(skipped, rel=1e-12) for reused, work in seen[1:]), seen

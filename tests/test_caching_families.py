@@ -6,12 +6,15 @@ saved, decisions are per sample (a sample is the same in any batch), guidance ke
 calibration accepts guided and class/text-conditioned denoisers.
 """
 
+import inspect
+
 import diffusers
 import pytest
 import torch
 
 from fewstep import ClassifierFreeGuidance, from_diffusers, sample
 from fewstep.caching import (
+    ADAPTERS,
     METHODS,
     BlockCache,
     CacheStats,
@@ -19,12 +22,14 @@ from fewstep.caching import (
     EncoderPropagation,
     MagCache,
     TaylorSeer,
+    adapter_of,
     cache_error,
     cache_from_spec,
     calibrate_cache,
     magnitude_curve,
     make_cache,
 )
+from fewstep.models import FAMILIES
 from fewstep.models.base import Denoiser
 from test_families import DDPM, FLOW, _build, _cond
 
@@ -267,3 +272,51 @@ def test_a_network_whose_forward_was_replaced_is_refused(dens):
             _run("UNet2DModel", DeepCache(den, interval=2))
     finally:
         del net.forward
+
+
+def test_the_families_tested_here_are_every_derived_adapter():
+    """Every block adapter the family registry gives is exercised by the tests above (SDXL: a UNet2DConditionModel
+    configuration)."""
+    assert {n for n, a in ADAPTERS.items() if a.kind == "unet"} == set(UNETS) - {"SDXL"}
+    assert {n for n, a in ADAPTERS.items() if a.kind == "chain"} == set(CHAINS)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_each_cache_layout_is_pinned_to_the_real_blocks(dens, name):
+    """What a family's entry says of its blocks holds for the real classes: the block lists are where it says, a
+    block's ``forward`` takes the inputs named (every block; a starred one only some blocks take, the U-Nets'
+    cross-attention input), and a block returns the streams named, in that number."""
+    den = dens[name]
+    net = den.model
+    adapter = adapter_of(net)
+    assert adapter is ADAPTERS[type(net).__name__] and adapter.lists == FAMILIES[type(net).__name__].blocks
+    returned: dict[str, list[int]] = {}
+    hooks = []
+    for blocks in adapter.lists:
+        held = getattr(net, blocks.attr)
+        items = [held] if blocks.single else list(held)
+        assert items, blocks.attr
+        takes = [set(inspect.signature(b.forward).parameters) for b in items]
+        for key in (entry for entry in blocks.takes if not entry.endswith("*")):
+            assert all(key in t for t in takes), (blocks.attr, key)
+
+        def count(m, args, out, attr=blocks.attr):
+            returned.setdefault(attr, []).append(len(out) if isinstance(out, tuple) else 1)
+
+        hooks += [b.register_forward_hook(count) for b in items]
+    try:
+        _run(name, den, steps=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    for blocks in adapter.lists:
+        assert set(returned[blocks.attr]) == {len(blocks.returns)}, (blocks.attr, returned[blocks.attr])
+    assert adapter.streams == (adapter.lists[0].returns if adapter.kind == "chain" else ("hidden_states",))
+
+
+def test_a_family_without_a_cache_layout_is_refused_with_its_reason():
+    sana = from_diffusers(_build("SanaTransformer2DModel").eval(), FLOW)
+    reason = FAMILIES["SanaTransformer2DModel"].no_cache
+    with pytest.raises(TypeError, match="feature caches wrap the blocks of") as err:
+        adapter_of(sana.model)
+    assert reason in str(err.value) and ", ".join(ADAPTERS) in str(err.value)

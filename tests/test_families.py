@@ -427,3 +427,37 @@ def test_plain_callables_keep_the_positional_call():
     assert torch.equal(den.network(torch.zeros(2, 3), den.native_time(0.5), None), torch.ones(2, 3))
     with pytest.raises(ValueError, match="pass shape= yourself"):
         den.sample_shape  # noqa: B018
+
+
+# -- each entry's cache layout ------------------------------------------------------------------------------------
+
+def test_every_family_has_a_cache_layout_or_says_why_it_has_none():
+    """The caches' block adapters are derived from these entries: one per family with a layout, none for the
+    others, whose entry names the reason (and the caches' error repeats it)."""
+    from fewstep.caching import ADAPTERS, BlockAdapter
+    from fewstep.models.families import CACHE_KINDS
+
+    for family in FAMILIES.values():
+        if family.cache is None:
+            assert family.no_cache and family.name not in ADAPTERS, family.name
+            with pytest.raises(TypeError, match=family.no_cache):
+                BlockAdapter.of_family(family)
+            continue
+        assert not family.no_cache and family.blocks and family.cache.kind in CACHE_KINDS, family.name
+        assert ADAPTERS[family.name] == BlockAdapter.of_family(family)
+    assert list(ADAPTERS) == [f.name for f in FAMILIES.values() if f.cache is not None]
+
+
+def test_a_family_entry_takes_a_cache_layout_or_a_reason_not_both():
+    from fewstep.models.families import Blocks, CacheLayout, ModelFamily
+
+    blocks = (Blocks("transformer_blocks", ("hidden_states",), ("hidden_states",)),)
+    with pytest.raises(ValueError, match="cache layout or the reason"):
+        ModelFamily(name="X", sample="hidden_states", cond=(), blocks=blocks)
+    with pytest.raises(ValueError, match="cache layout or the reason"):
+        ModelFamily(name="X", sample="hidden_states", cond=(), blocks=blocks, cache=CacheLayout("chain"),
+                    no_cache="why")
+    with pytest.raises(ValueError, match="needs the block lists"):
+        ModelFamily(name="X", sample="hidden_states", cond=(), cache=CacheLayout("chain"))
+    with pytest.raises(ValueError, match="kind must be one of unet, chain"):
+        CacheLayout("transformer")

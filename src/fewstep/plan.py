@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fewstep.grids import GRIDS, explicit, make_grid, suggest
+from fewstep.grids import DEFAULT_GRID, GRIDS, explicit, make_grid, suggest
 from fewstep.models.base import Cond, Denoiser
 from fewstep.solvers import Solver, make_solver
 
@@ -77,7 +77,7 @@ class Plan:
     model: str
     solver: str = "dpmpp_2m"
     solver_options: Mapping[str, Any] = field(default_factory=dict)
-    grid: str = "time_quadratic"
+    grid: str = DEFAULT_GRID
     grid_options: Mapping[str, Any] = field(default_factory=dict)
     steps: int | None = None
     times: tuple[float, ...] | None = None
@@ -221,7 +221,7 @@ class Plan:
             model = quantize(model, self.quant, calibration=cal)
         network = model.inner if isinstance(model, ClassifierFreeGuidance) else model
         calibration = None
-        if self.cache and self.cache != "none":  # calibrated (auto, magcache) on this plan's own times
+        if self.cache:  # "none" gives the model back; auto and magcache calibrate on this plan's own times
             model, calibration = cache_from_spec(model, self.cache, solver=solver, steps=times, shape=shape,
                                                  cond=calibration_cond)
         if self.model_times is not None:  # outermost: guidance and caches see the network's own times

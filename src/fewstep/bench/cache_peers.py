@@ -25,12 +25,13 @@ both branches or one per branch. Hooks whose state diffusers does not key by con
 pipelines batch both branches into one call) get one state object per context, swapped in before each call.
 
 Work. Each evaluation reports ``on_cache(step, reused, work)`` to the run's hooks
-(:class:`fewstep.caching.CacheStats`): ``work`` is the share of the blocks' weights actually applied (a module's own
-weights count when its forward body ran: a layer when it was called, a module with children when one of its children
-was), weighted by parameter count, so it is proportional to the blocks' linear-layer multiply-accumulates (attention
-products are not counted); ``reused`` is ``work < 1``. A block a diffusers hook skips never calls its layers, so
-skipped work is never counted; block layers the model calls outside the block (DiT's output head runs the first
-block's label embedding) count as run.
+(:class:`fewstep.caching.CacheStats`) in the unit of fewstep's own caches: ``work`` is the share of a full
+evaluation's multiply-accumulates that the evaluation computed, both counted by
+:class:`fewstep.caching.stats.WorkMeter` (convolutions, linear layers and attention products, over the whole
+network) on the layers that really ran; the full count is the largest seen at the same input shapes, that of a run's
+first evaluation, which diffusers' hooks always compute. ``reused`` is ``work < 1``. A block a diffusers hook skips
+never calls its layers, and an attention it answers from its cache never calls its projections, so skipped work is
+never counted.
 """
 
 from __future__ import annotations
@@ -41,16 +42,16 @@ import itertools
 import logging
 import math
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import diffusers.hooks as dhooks
 import torch
-from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
-from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
+from diffusers.hooks.hooks import StateManager
 from diffusers.models.cache_utils import CacheMixin
 
+from fewstep.caching.stats import WorkMeter
 from fewstep.grids import suggest
 from fewstep.models import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser, Run
@@ -58,18 +59,111 @@ from fewstep.models.families import family_of, setting
 
 __all__ = ["DIFFUSERS_CACHES", "DiffusersCache"]
 
-# short name: (diffusers config class name, function applying it to a module)
-_KNOWN = {
-    "fbcache": ("FirstBlockCacheConfig", "apply_first_block_cache"),
-    "pab": ("PyramidAttentionBroadcastConfig", "apply_pyramid_attention_broadcast"),
-    "fastercache": ("FasterCacheConfig", "apply_faster_cache"),
-    "taylorseer": ("TaylorSeerCacheConfig", "apply_taylorseer_cache"),
-    "magcache": ("MagCacheConfig", "apply_mag_cache"),
-    "seacache": ("SeaCacheConfig", "apply_sea_cache"),
+_TIMESTEP = "fewstep passes the timestep of each evaluation"
+_CFG_OFF = "it tunes FasterCache's CFG-Cache, which is off: fewstep runs guidance branches as separate calls"
+_FASTER_CFG_ONLY = ("unconditional_batch_skip_range", "unconditional_batch_timestep_skip_range",
+                    "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
+                    "alpha_low_frequency", "alpha_high_frequency", "low_frequency_weight_callback",
+                    "high_frequency_weight_callback", "tensor_format")
+
+
+def _nothing(cache: DiffusersCache, steps: int | None) -> dict[str, Any]:
+    return {}
+
+
+def _as_given(knobs: dict[str, Any], net: torch.nn.Module) -> dict[str, Any]:
+    return knobs
+
+
+def _pab_defaults(knobs: dict[str, Any], net: torch.nn.Module) -> dict[str, Any]:
+    if any(k.endswith("_block_skip_range") for k in knobs):
+        return knobs
+    return {**knobs, "spatial_attention_block_skip_range": 2}  # diffusers' fallback, made explicit
+
+
+def _half(module: torch.nn.Module) -> float:
+    return 0.5
+
+
+def _mag_defaults(knobs: dict[str, Any], net: torch.nn.Module) -> dict[str, Any]:
+    if knobs.get("mag_ratios") is not None or knobs.get("calibrate", False):
+        return knobs
+    if type(net).__name__ != "FluxTransformer2DModel":
+        raise ValueError(f"diffusers' magcache needs mag_ratios= for {type(net).__name__} (they are "
+                         f"checkpoint-dependent; a run with calibrate=True logs them)")
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    return {**knobs, "mag_ratios": FLUX_MAG_RATIOS}  # diffusers' documented ratios for Flux
+
+
+def _mag_fill(cache: DiffusersCache, steps: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"num_inference_steps": steps if steps is not None else 28}
+    ratios = cache.knobs.get("mag_ratios")
+    if isinstance(ratios, torch.Tensor):
+        out["mag_ratios"] = ratios.clone()
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hook:
+    """What fewstep knows of one diffusers cache hook.
+
+    Attributes:
+        config, apply: the names of diffusers' config class and of the function that applies it to a module.
+        supplied: config fields fewstep fills itself, and why (named in the error that refuses them as knobs).
+        fill: their values for a cache and a run of ``steps`` grid steps (``None``: not a run).
+        defaults: the knobs for a network, with diffusers' fallback made explicit where diffusers requires a choice.
+        min_blocks: a block-residual cache: the fewest blocks it takes, in the block lists diffusers recognises.
+        no_text_stream: what it does when the last block returns no text stream (SD3), refused with this reason;
+            empty when it does not read that stream.
+        identifiers: its default ``cache_identifiers`` may match none of a model's modules (the error says so).
+        first_call: it reuses at its first call when the run's first timestep lies in its spatial-attention range
+            (refused before the run).
+        latents: it reads each evaluation's latents (through ``raw_vision_callback``).
+    """
+
+    config: str
+    apply: str
+    supplied: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    fill: Callable[[DiffusersCache, int | None], dict[str, Any]] = _nothing
+    defaults: Callable[[dict[str, Any], torch.nn.Module], dict[str, Any]] = _as_given
+    min_blocks: int = 0
+    no_text_stream: str = ""
+    identifiers: bool = False
+    first_call: bool = False
+    latents: bool = False
+
+
+_HOOKS: dict[str, _Hook] = {
+    "fbcache": _Hook("FirstBlockCacheConfig", "apply_first_block_cache", min_blocks=2,
+                     no_text_stream="fails (its tail residual subtracts the text stream)"),
+    "pab": _Hook("PyramidAttentionBroadcastConfig", "apply_pyramid_attention_broadcast",
+                 supplied={"current_timestep_callback": _TIMESTEP},
+                 fill=lambda c, steps: {"current_timestep_callback": c._timestep}, defaults=_pab_defaults),
+    "fastercache": _Hook(
+        "FasterCacheConfig", "apply_faster_cache",
+        supplied={"current_timestep_callback": _TIMESTEP,
+                  "is_guidance_distilled": "fewstep runs guidance branches as separate calls, so FasterCache's "
+                                           "CFG-Cache (which splits one batch into its two branches) is off",
+                  **dict.fromkeys(_FASTER_CFG_ONLY, _CFG_OFF)},
+        fill=lambda c, steps: {"current_timestep_callback": c._timestep, "is_guidance_distilled": True},
+        defaults=lambda knobs, net: {**knobs, "attention_weight_callback": knobs.get("attention_weight_callback",
+                                                                                      _half)},  # diffusers' fallback
+        first_call=True),
+    "taylorseer": _Hook("TaylorSeerCacheConfig", "apply_taylorseer_cache", identifiers=True),
+    "magcache": _Hook("MagCacheConfig", "apply_mag_cache",
+                      supplied={"num_inference_steps": "fewstep sets it to each run's grid steps"}, fill=_mag_fill,
+                      defaults=_mag_defaults, min_blocks=1),
+    "seacache": _Hook("SeaCacheConfig", "apply_sea_cache",
+                      supplied={"raw_vision_callback": "fewstep passes each evaluation's latents"},
+                      fill=lambda c, steps: {"raw_vision_callback": c._raw_vision}, min_blocks=1,
+                      no_text_stream="never reuses (it records no residual history without the text stream)",
+                      latents=True),
 }
 
 DIFFUSERS_CACHES: dict[str, type] = {
-    name: getattr(dhooks, cls) for name, (cls, fn) in _KNOWN.items() if hasattr(dhooks, cls) and hasattr(dhooks, fn)
+    name: getattr(dhooks, h.config) for name, h in _HOOKS.items() if hasattr(dhooks, h.config)
+    and hasattr(dhooks, h.apply)
 }
 """diffusers' cache hooks by short name, as far as this diffusers has them:
 
@@ -89,32 +183,10 @@ DIFFUSERS_CACHES: dict[str, type] = {
   filtered change of the latents, accumulated, stays under a threshold.
 """
 
-_FASTER_CFG_ONLY = ("unconditional_batch_skip_range", "unconditional_batch_timestep_skip_range",
-                    "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
-                    "alpha_low_frequency", "alpha_high_frequency", "low_frequency_weight_callback",
-                    "high_frequency_weight_callback", "tensor_format")
-
-# fields fewstep fills itself, and why (named in the error that refuses them as knobs)
-_SUPPLIED: dict[str, dict[str, str]] = {
-    "pab": {"current_timestep_callback": "fewstep passes the timestep of each evaluation"},
-    "fastercache": {
-        "current_timestep_callback": "fewstep passes the timestep of each evaluation",
-        "is_guidance_distilled": "fewstep runs guidance branches as separate calls, so FasterCache's CFG-Cache (which "
-                                 "splits one batch into its two branches) is off",
-        **{k: "it tunes FasterCache's CFG-Cache, which is off: fewstep runs guidance branches as separate calls"
-           for k in _FASTER_CFG_ONLY},
-    },
-    "magcache": {"num_inference_steps": "fewstep sets it to each run's grid steps"},
-    "seacache": {"raw_vision_callback": "fewstep passes each evaluation's latents"},
-}
-
-# block-residual caches: the fewest blocks they take, in the block lists diffusers recognises by name
-_BLOCK_STACK = {"fbcache": 2, "magcache": 1, "seacache": 1}
-_STACK_NAMES = frozenset(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
-
-# block-residual caches that handle the text stream of the last block, and what happens when it has none (SD3)
-_NEEDS_TEXT_STREAM = {"fbcache": "fails (its tail residual subtracts the text stream)",
-                      "seacache": "never reuses (it records no residual history without the text stream)"}
+# the block lists diffusers' block-residual caches recognise by name (its transformer block identifiers, which
+# diffusers keeps private; tests/test_cache_peers.py pins this copy to them)
+_STACK_NAMES = frozenset({"blocks", "layers", "single_transformer_blocks", "temporal_transformer_blocks",
+                          "transformer_blocks", "visual_transformer_blocks"})
 
 _SERIAL = itertools.count()
 _OPEN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -157,7 +229,7 @@ class DiffusersCache(Denoiser):
         if name not in DIFFUSERS_CACHES:
             raise ValueError(f"unknown diffusers cache {name!r}{suggest(name, DIFFUSERS_CACHES)}; this diffusers has "
                              f"{', '.join(DIFFUSERS_CACHES)}")
-        self.den, self.name = den, name
+        self.den, self.name, self.hook = den, name, _HOOKS[name]
         self.net: torch.nn.Module = den.model
         self.schedule = den.schedule
         self.required_cond = den.required_cond
@@ -169,17 +241,21 @@ class DiffusersCache(Denoiser):
         self._blocks = _blocks(self.net, self.family.blocks)
         if not self._blocks:
             raise ValueError(f"{cls_name} has no blocks to cache")
-        if name in _BLOCK_STACK:
+        if self.hook.min_blocks:
             stack = [b for n, c in self.net.named_children() if n in _STACK_NAMES and isinstance(c, torch.nn.ModuleList)
                      for b in c]
-            if len(stack) < _BLOCK_STACK[name]:
+            if len(stack) < self.hook.min_blocks:
                 lists = ", ".join(sorted(_STACK_NAMES))
-                raise ValueError(f"diffusers' {name} needs {_BLOCK_STACK[name]} or more blocks in the transformer "
+                raise ValueError(f"diffusers' {name} needs {self.hook.min_blocks} or more blocks in the transformer "
                                  f"block lists it recognises ({lists}); {cls_name} has {len(stack)}")
-        if name in _NEEDS_TEXT_STREAM and getattr(self._blocks[-1], "context_pre_only", False):
-            raise ValueError(f"diffusers' {name} {_NEEDS_TEXT_STREAM[name]} on {cls_name}: its last block returns no "
+        if self.hook.no_text_stream and getattr(self._blocks[-1], "context_pre_only", False):
+            raise ValueError(f"diffusers' {name} {self.hook.no_text_stream} on {cls_name}: its last block returns no "
                              f"text stream (context_pre_only)")
-        self._meter = _WorkMeter(self._blocks)
+        inside = [m for b in self._blocks for m in b.modules()]
+        self._block_ids = {id(m) for m in inside}
+        self._layer_ids = {id(m) for m in inside if isinstance(m, WorkMeter.DENSE)}  # what the meter counts itself
+        self._meter = WorkMeter(self.net, {})
+        self._full: dict[Any, int] = {}  # the full evaluation's multiply-accumulates, by input shapes
         self._now = _Now()
         self._is_open = False
         self._run: Run | None = None
@@ -198,7 +274,7 @@ class DiffusersCache(Denoiser):
 
     def _check_knobs(self, knobs: dict[str, Any]) -> dict[str, Any]:
         fields = [f.name for f in dataclasses.fields(DIFFUSERS_CACHES[self.name]) if not f.name.startswith("_")]
-        supplied = _SUPPLIED.get(self.name, {})
+        supplied = self.hook.supplied
         valid = [f for f in fields if f not in supplied]
         for key in knobs:
             if key in supplied:
@@ -206,34 +282,12 @@ class DiffusersCache(Denoiser):
             if key not in valid:
                 raise TypeError(f"diffusers' {self.name} takes no knob {key!r}{suggest(key, valid)}; its knobs: "
                                 f"{', '.join(valid)}")
-        out = dict(knobs)
-        if self.name == "pab" and not any(k.endswith("_block_skip_range") for k in out):
-            out["spatial_attention_block_skip_range"] = 2  # diffusers' fallback, made explicit
-        if self.name == "fastercache":
-            out.setdefault("attention_weight_callback", _half)  # diffusers' fallback, made explicit
-        if self.name == "magcache" and out.get("mag_ratios") is None and not out.get("calibrate", False):
-            if type(self.net).__name__ != "FluxTransformer2DModel":
-                raise ValueError(f"diffusers' magcache needs mag_ratios= for {type(self.net).__name__} (they are "
-                                 f"checkpoint-dependent; a run with calibrate=True logs them)")
-            from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
-
-            out["mag_ratios"] = FLUX_MAG_RATIOS  # diffusers' documented ratios for Flux
-        return out
+        return self.hook.defaults(dict(knobs), self.net)
 
     def _config(self, steps: int | None) -> Any:
         """A fresh diffusers config (diffusers' apply functions fill in and keep it): the knobs plus what fewstep
         supplies; ``steps``: the run's grid steps (MagCache)."""
-        values = dict(self.knobs)
-        if self.name in ("pab", "fastercache"):
-            values["current_timestep_callback"] = self._timestep
-        if self.name == "fastercache":
-            values["is_guidance_distilled"] = True
-        if self.name == "magcache":
-            values["num_inference_steps"] = steps if steps is not None else 28
-            if isinstance(values.get("mag_ratios"), torch.Tensor):
-                values["mag_ratios"] = values["mag_ratios"].clone()
-        if self.name == "seacache":
-            values["raw_vision_callback"] = self._raw_vision
+        values = {**self.knobs, **self.hook.fill(self, steps)}
         try:
             return DIFFUSERS_CACHES[self.name](**values)
         except (TypeError, ValueError) as err:
@@ -262,7 +316,7 @@ class DiffusersCache(Denoiser):
     def _install(self, run: Run | None, t_first: float | None = None) -> None:
         """Apply the hook, built for ``run`` (whose first evaluation is at ``t_first``), and record what it added."""
         cls_name = type(self.net).__name__
-        if self.name == "fastercache" and t_first is not None:
+        if self.hook.first_call and t_first is not None:
             lo, hi = self._config(None).spatial_attention_timestep_skip_range
             first = self._pipeline_timestep(t_first)
             if lo < first < hi:
@@ -271,7 +325,7 @@ class DiffusersCache(Denoiser):
                                  f"anything is cached; end the range below the run's first timestep")
         before = {m: set(m._diffusers_hook.hooks) for m in self.net.modules() if "_diffusers_hook" in m.__dict__}
         config = self._config(None if run is None else len(run.times) - 1)
-        apply_fn = getattr(dhooks, _KNOWN[self.name][1])
+        apply_fn = getattr(dhooks, self.hook.apply)
         quiet = run is not None  # diffusers' warnings were shown when this cache was built
         try:
             with _quiet(quiet):
@@ -289,11 +343,11 @@ class DiffusersCache(Denoiser):
                 root.invalidate_child_registries_cache()
         names = dict(self.net.named_modules())
         hooked = {id(m) for m, _ in self._added}
-        if not hooked & self._meter.block_ids:
+        if not hooked & self._block_ids:
             raise ValueError(f"diffusers' {self.name} finds nothing to cache in the blocks of {cls_name}"
                              + (" (its default cache_identifiers hook attention modules named '...attn'; pass "
-                                "cache_identifiers=[...] matching this model's)" if self.name == "taylorseer" else ""))
-        layer = next((n for n, m in names.items() if id(m) in hooked & self._meter.leaf_ids), None)
+                                "cache_identifiers=[...] matching this model's)" if self.hook.identifiers else ""))
+        layer = next((n for n, m in names.items() if id(m) in hooked & self._layer_ids), None)
         if layer is not None:
             raise ValueError(f"diffusers' {self.name} hooks the layer {layer!r} of {cls_name} itself; fewstep counts "
                              f"the work of the layers that run, so it takes hooks on blocks or attention modules")
@@ -341,7 +395,7 @@ class DiffusersCache(Denoiser):
             raise ValueError("this DiffusersCache is already open")
         self._require_free()
         self._snapshot = _snapshot(self.net)
-        self._meter.attach()
+        self._meter.arm()
         _OPEN.add(self.net)
         self._is_open = True
         return self
@@ -356,7 +410,7 @@ class DiffusersCache(Denoiser):
         try:
             self._uninstall()
         finally:
-            self._meter.detach()
+            self._meter.disarm()
             _OPEN.discard(self.net)
             self._is_open = False
 
@@ -384,6 +438,14 @@ class DiffusersCache(Denoiser):
         if self.family.time_scale is not None:
             value /= float(setting(self.net, self.family.time_scale) or 1.0)
         return value
+
+    def _work(self, shapes: tuple[Any, ...]) -> float:
+        """The share of a full evaluation's multiply-accumulates that the evaluation just counted computed; the full
+        count at these input shapes is the largest seen (a run's first evaluation, which diffusers' hooks always
+        compute)."""
+        done = self._meter.total
+        full = self._full[shapes] = max(self._full.get(shapes, 0), done)
+        return done / full if full else 1.0
 
     def __repr__(self) -> str:
         knobs = "".join(f", {k}={v!r}" for k, v in self.knobs.items() if not callable(v))
@@ -434,61 +496,18 @@ class _BoundDiffusersCache(Denoiser):
         flow_sigma = sigma / (alpha + sigma)
         timestep = owner._pipeline_timestep(t)
         owner._now.timestep = timestep
-        owner._now.x_flow = x / (alpha + sigma) if owner.name == "seacache" else None
-        context = CacheContext(name, step_index=step, num_inference_steps=steps, timestep=timestep, sigma=flow_sigma)
-        owner._meter.arm()
+        owner._now.x_flow = x / (alpha + sigma) if owner.hook.latents else None
+        owner._meter.reset()
         try:
-            with _cache_context(owner.net, context):
+            # diffusers' public context setter, also on modules whose class does not mix it in (DiT, PixArt, SD3)
+            with CacheMixin.cache_context(owner.net, name, step_index=step, num_inference_steps=steps,
+                                          timestep=timestep, sigma=flow_sigma):
                 out = owner.den(x, t, cond)
         finally:
             owner._now.x_flow = None
-        work = owner._meter.work()
+        work = owner._work(_shapes(x, cond))
         self.run.report("on_cache", step, work < 1.0, work)
         return out
-
-
-class _WorkMeter:
-    """Which modules of the blocks run in one evaluation (forward pre-hooks), and the share of the blocks' weights
-    that were applied: a module's own parameters count when its forward body ran (a layer when called, a module
-    with children when one of its children was called)."""
-
-    def __init__(self, blocks: list[torch.nn.Module]) -> None:
-        self.modules = list({id(m): m for b in blocks for m in b.modules()}.values())
-        self.block_ids = {id(m) for m in self.modules}
-        self.units: list[tuple[float, tuple[int, ...]]] = []
-        self.leaf_ids: set[int] = set()
-        for m in self.modules:
-            weight = float(sum(p.numel() for p in m.parameters(recurse=False)))
-            if weight == 0:
-                continue
-            children = tuple(id(c) for c in m.children())
-            if not children:
-                self.leaf_ids.add(id(m))
-            self.units.append((weight, children or (id(m),)))
-        self.total = sum(w for w, _ in self.units)
-        self.ran: set[int] = set()
-        self._handles: list[Any] = []
-
-    def attach(self) -> None:
-        self.detach()
-        self._handles = [m.register_forward_pre_hook(self._seen) for m in self.modules]
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _seen(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self.ran.add(id(module))
-
-    def arm(self) -> None:
-        self.ran = set()
-
-    def work(self) -> float:
-        if not self.total:
-            return 1.0
-        done = sum(w for w, ids in self.units if any(i in self.ran for i in ids))
-        return done / self.total
 
 
 def _blocks(net: torch.nn.Module, specs: tuple[Any, ...]) -> list[torch.nn.Module]:
@@ -505,14 +524,11 @@ def _snapshot(net: torch.nn.Module) -> dict[torch.nn.Module, tuple[Any, ...]]:
     return {m: tuple(m.__dict__.get(a, _ABSENT) for a in _PATCHED) for m in net.modules()}
 
 
-@contextmanager
-def _cache_context(net: torch.nn.Module, context: CacheContext) -> Iterator[None]:
-    """``CacheMixin.cache_context`` with every field, for any module (diffusers' own setter)."""
-    _set_cache_context(net, context)
-    try:
-        yield
-    finally:
-        _set_cache_context(net, None)
+def _shapes(x: torch.Tensor, cond: Cond) -> tuple[Any, ...]:
+    """What a full evaluation's multiply-accumulates depend on: the shapes of the input and of the conditioning's
+    tensors (a prompt's length)."""
+    tensors = sorted((k, tuple(v.shape)) for k, v in (cond or {}).items() if isinstance(v, torch.Tensor))
+    return tuple(x.shape), tuple(tensors)
 
 
 @contextmanager
@@ -543,10 +559,6 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
-
-
-def _half(module: torch.nn.Module) -> float:
-    return 0.5
 
 
 def _first_line(err: BaseException) -> str:

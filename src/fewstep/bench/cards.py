@@ -21,8 +21,8 @@ __all__ = ["evaluate"]
 def evaluate(name: str, folder: Path | None = None, *, steps: int = 1000, n: int = 512) -> dict[str, Any]:
     """FD of ``steps``-step sampling (DDPM ancestral for eps/v models, Euler for flow) of ``n`` samples against
     real digits, next to the real-vs-real floor at the same ``n``; written into the model's ``card.json``."""
-    from fewstep.metrics import DigitsFD
     from fewstep.hooks import ProgressBar
+    from fewstep.metrics import DigitsFD
     from fewstep.sample import sample
     from fewstep.zoo import WEIGHTS, load
 

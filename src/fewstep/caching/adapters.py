@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fewstep.models.families import FAMILIES, Blocks, family_of
+from fewstep.models.families import FAMILIES, Blocks, ModelFamily, family_of
 
 __all__ = ["ADAPTERS", "BlockAdapter", "BlockCall", "CachedBlock", "adapter_of"]
 
@@ -118,7 +118,7 @@ def _names(blocks: Blocks) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class BlockAdapter:
-    """How a cache sees one model family.
+    """How a cache sees one model family (:meth:`of_family`: read from its entry in the family registry).
 
     Attributes:
         family: the diffusers class name.
@@ -138,6 +138,16 @@ class BlockAdapter:
     streams: tuple[str, ...] = ("hidden_states",)
     unbatched: frozenset[str] = frozenset()
     refused: tuple[str, ...] = ()
+
+    @classmethod
+    def of_family(cls, family: ModelFamily) -> BlockAdapter:
+        """The adapter a family's entry describes: its block lists and :class:`~fewstep.models.families.CacheLayout`
+        (a chain carries the streams its blocks return)."""
+        layout = family.cache
+        if layout is None:
+            raise TypeError(f"feature caches cannot wrap {family.name}: {family.no_cache}")
+        streams = family.blocks[0].returns if layout.kind == "chain" else ("hidden_states",)
+        return cls(family.name, layout.kind, family.blocks, streams, layout.unbatched, layout.refused)
 
     def positions(self, net: torch.nn.Module) -> list[tuple[Any, torch.nn.Module]]:
         """``(position, block)`` for every block of ``net``, in the order its ``forward`` runs them."""
@@ -216,43 +226,27 @@ def _real(block: Any) -> Any:
     return block.real if isinstance(block, CachedBlock) else block
 
 
-_UNET_REFUSED = ("down_block_additional_residuals", "mid_block_additional_residual",
-                 "down_intrablock_additional_residuals")
-_JOINT = ("encoder_hidden_states", "hidden_states")
+def _adapters() -> dict[str, BlockAdapter]:
+    """A block adapter for every family with a cache layout, in the registry's order."""
+    return {f.name: BlockAdapter.of_family(f) for f in FAMILIES.values() if f.cache is not None}
 
 
-def _make_adapters() -> dict[str, BlockAdapter]:
-    f = FAMILIES
-    return {
-        "UNet2DModel": BlockAdapter("UNet2DModel", "unet", f["UNet2DModel"].blocks),
-        "UNet2DConditionModel": BlockAdapter("UNet2DConditionModel", "unet", f["UNet2DConditionModel"].blocks,
-                                             refused=_UNET_REFUSED),
-        "DiTTransformer2DModel": BlockAdapter("DiTTransformer2DModel", "chain", f["DiTTransformer2DModel"].blocks),
-        "PixArtTransformer2DModel": BlockAdapter("PixArtTransformer2DModel", "chain",
-                                                 f["PixArtTransformer2DModel"].blocks),
-        "SD3Transformer2DModel": BlockAdapter("SD3Transformer2DModel", "chain", f["SD3Transformer2DModel"].blocks,
-                                              streams=_JOINT,
-                                              refused=("skip_layers", "block_controlnet_hidden_states")),
-        "FluxTransformer2DModel": BlockAdapter("FluxTransformer2DModel", "chain", f["FluxTransformer2DModel"].blocks,
-                                               streams=_JOINT, unbatched=frozenset({"image_rotary_emb"}),
-                                               refused=("controlnet_block_samples",
-                                                        "controlnet_single_block_samples")),
-    }
-
-
-ADAPTERS: dict[str, BlockAdapter] = _make_adapters()
+ADAPTERS: dict[str, BlockAdapter] = _adapters()
+"""Block adapters by diffusers class name, derived from :data:`fewstep.models.families.FAMILIES` (the entries with a
+:class:`~fewstep.models.families.CacheLayout`)."""
 
 
 def adapter_of(net: Any) -> BlockAdapter:
     """The block adapter of a diffusers network; a ``TypeError`` naming the supported classes for any other."""
     name = type(net).__name__
     try:
-        family = family_of(net).name
+        family = family_of(net)
     except ValueError:
-        family = name
-    if family not in ADAPTERS:
-        raise TypeError(f"feature caches wrap the blocks of {', '.join(ADAPTERS)}; got {name}")
-    adapter = ADAPTERS[family]
+        family = None
+    if family is None or family.name not in ADAPTERS:
+        why = f" ({family.no_cache})" if family is not None and family.no_cache else ""
+        raise TypeError(f"feature caches wrap the blocks of {', '.join(ADAPTERS)}; got {name}{why}")
+    adapter = ADAPTERS[family.name]
     if adapter.kind == "unet" and any(hasattr(b, "skip_conv") for b in [*net.down_blocks, *net.up_blocks]):
         raise TypeError(f"{name} with skip-sample blocks (SkipDownBlock2D, ...) is not supported by the caches")
     return adapter

@@ -1,9 +1,8 @@
-"""Calibration: the most aggressive cache setting that keeps a run's samples within a target error, and the
-command-line specs (``"deepcache:interval=3"``, ``"auto:target_error=0.05"``)."""
+"""Calibration: the most aggressive cache setting that keeps a run's samples within a target error, and the caches
+parsed specs build (``"deepcache:interval=3"``, ``"auto:target_error=0.05"``; :mod:`fewstep.caching.spec`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,15 +10,29 @@ from typing import Any
 import torch
 
 from fewstep.caching.adapters import adapter_of
-from fewstep.caching.methods import METHODS, SpecContext, _Recorder, make_cache, model_denoiser, with_cache
+from fewstep.caching.magnitude import magnitude_curve
+from fewstep.caching.methods import METHODS, _network, _placed, with_cache
 from fewstep.caching.policies import MagnitudeCurve
+from fewstep.caching.spec import ALL, NONE, CacheSpec, check_target, method_class, parse_cache
 from fewstep.caching.stats import CacheStats
-from fewstep.models.adapter import ModelDenoiser
+from fewstep.grids import DEFAULT_GRID
 from fewstep.models.base import Cond, Denoiser
-from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["Calibration", "cache_error", "cache_from_spec", "calibrate_cache", "check_cache_spec", "curve_of",
-           "magnitude_curve", "method_names", "pick"]
+__all__ = ["Calibration", "SpecContext", "cache_error", "cache_from_spec", "calibrate_cache", "check_cache_spec",
+           "make_cache", "method_names", "pick"]
+
+
+@dataclass(frozen=True)
+class SpecContext:
+    """What a method that reads a magnitude curve (MagCache) needs to know about the runs it will serve, to record
+    the curve on one like them."""
+
+    solver: Any
+    steps: int | torch.Tensor  # a step count on ``grid``, or the grid's times
+    shape: tuple[int, ...]
+    grid: str = DEFAULT_GRID
+    cond: Cond = None
+    seeds: str = "1000-1127"  # the calibration seeds: conditioning given per sample is built for them
 
 
 @dataclass
@@ -30,14 +43,14 @@ class Calibration:
     knobs: dict[str, Any]
     error: float  # mean per-sample relative error of the final samples vs the uncached model (calibration seeds)
     error_upper: float  # its bootstrap 90th percentile over the calibration samples (what the choice is held to)
-    work: float  # mean fraction of the network computed per evaluation
+    work: float  # mean fraction of the network's multiply-accumulates computed per evaluation
     table: list[tuple[str, dict[str, Any], float, float, float]] = field(default_factory=list)
     # method, knobs, err, upper, work of every candidate
 
     @property
     def spec(self) -> str:
         """The chosen setting as a spec string (without a MagCache curve, which is recorded again)."""
-        knobs = "".join(f":{k}={v}" for k, v in self.knobs.items() if k != "curve")
+        knobs = "".join(f":{k}={v}" for k, v in self.knobs.items() if not isinstance(v, MagnitudeCurve))
         return f"{self.method}{knobs}"
 
 
@@ -56,80 +69,32 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor, *, boot: int = 400) -> tuple[floa
     return float(r.mean()), float(torch.quantile(reps, 0.9))
 
 
-def _placed(net: ModelDenoiser) -> dict[str, Any]:
-    """``sample()``'s ``device`` and ``dtype`` for runs of ``net``: its network's device, and the state dtype of a
-    run in its dtype (float32 under half precisions, as :func:`fewstep.plan.state_dtype`)."""
-    param = next(iter(net.model.parameters()), None) if isinstance(net.model, torch.nn.Module) else None
-    if param is None:
-        return {}
-    return {"device": param.device, "dtype": torch.float64 if param.dtype == torch.float64 else torch.float32}
-
-
-def _network(den: Denoiser, who: str) -> ModelDenoiser:
-    """The ModelDenoiser under ``den``'s guidance."""
-    while isinstance(den, ClassifierFreeGuidance):
-        den = den.inner
-    return model_denoiser(den, who)
-
-
-def _check_target(target_error: Any) -> float:
-    if isinstance(target_error, bool) or not isinstance(target_error, int | float) or not (
-            math.isfinite(target_error) and target_error > 0):
-        raise ValueError(f"target_error must be a number > 0 (a relative error such as 0.05), got {target_error!r}")
-    return float(target_error)
-
-
-def magnitude_curve(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, shape: Sequence[int],
-                    seeds: str = "1000-1127", grid: str = "time_quadratic", cond: Cond = None) -> MagnitudeCurve:
-    """The magnitude curve MagCache reads (:class:`~fewstep.caching.policies.MagnitudeCurve`): the mean token norm
-    of the transformer's block-chain residual at each evaluation of one uncached run of ``solver`` over ``steps``
-    (on the calibration ``seeds``, for which ``cond`` is given; under guidance both branches, averaged per
-    time)."""
-    from fewstep.sample import sample
-
-    record: list[tuple[float, float]] = []
-    where = _placed(_network(den, "magnitude_curve"))  # the calibration runs where the network is
-    sample(with_cache(den, lambda d: _Recorder(d, record=record)), solver, steps, shape=shape, seeds=seeds,
-           grid=grid, cond=cond, **where)
-    return curve_of(record)
-
-
-def curve_of(record: Sequence[tuple[float, float]]) -> MagnitudeCurve:
-    """The magnitude curve of recorded ``(clock, norm)`` pairs, norms at one clock (both guidance branches)
-    averaged."""
-    by_clock: dict[float, list[float]] = {}
-    for clock, norm in record:
-        by_clock.setdefault(clock, []).append(norm)
-    clocks = sorted(by_clock)
-    return MagnitudeCurve(tuple(clocks), tuple(sum(by_clock[c]) / len(by_clock[c]) for c in clocks))
-
-
 def method_names(net: torch.nn.Module, method: str | None) -> list[str]:
     """The methods a calibration tries on ``net``: ``method``, every one that applies (``"all"``), or the default
-    (DeepCache for U-Nets, the first-block cache for transformers)."""
+    for the network's kind (each method's ``default_for``: DeepCache for U-Nets, the first-block cache for
+    transformers)."""
     kind = adapter_of(net).kind
     if method is None:
-        return ["deepcache" if kind == "unet" else "block"]
-    if method == "all":
+        return [n for n, c in METHODS.items() if kind in c.default_for]
+    cls = method_class(method, after=(ALL,))
+    if cls is None:
         return [n for n, c in METHODS.items() if kind in c.kinds]
-    if method in METHODS:
-        METHODS[method].adapter_for(net)  # refuses a method this network cannot use
-        return [method]
-    raise ValueError(f"unknown cache {method!r}; known: {', '.join(METHODS)}, all")
+    cls.adapter_for(net)  # refuses a method this network cannot use
+    return [cls.name]
 
 
 def pick(table: list[tuple[str, dict[str, Any], float, float, float]], target: float) -> Calibration:
     """The candidate with the least work whose error bound meets ``target`` (``none`` when no candidate does)."""
     ok = [row for row in table if row[3] <= target]
     if not ok:
-        return Calibration("none", {}, 0.0, 0.0, 1.0, table)
+        return Calibration(NONE, {}, 0.0, 0.0, 1.0, table)
     name, knobs, err, upper, work = min(ok, key=lambda row: (row[4], row[3]))
     return Calibration(name, knobs, err, upper, work, table)
 
 
 def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, shape: Sequence[int],
                     target_error: float,
-                    seeds: str = "1000-1127", method: str | None = None, grid: str = "time_quadratic",
+                    seeds: str = "1000-1127", method: str | None = None, grid: str = DEFAULT_GRID,
                     cond: Cond = None) -> Calibration:
     """Pick the most aggressive cache setting whose final samples stay within ``target_error`` (mean per-sample
     relative error, :func:`cache_error`) of the uncached model's, for this model (guided or not), solver and step
@@ -140,45 +105,71 @@ def calibrate_cache(den: Denoiser, solver: Any, steps: int | torch.Tensor, *, sh
     ``method``: one of :data:`~fewstep.caching.METHODS`, ``"all"`` (every method the network supports), or
     ``None``: DeepCache for U-Nets, the first-block cache for transformers. The work fraction is counted
     (:class:`CacheStats`); the returned setting is the one with the least work that meets the target (none:
-    no caching — at few steps caching often cannot pay)."""
+    no caching — at few steps caching often cannot pay). A method that reads a magnitude curve gets one recorded
+    on ``den`` (guided: both branches) first."""
     from fewstep.sample import sample
 
-    target = _check_target(target_error)
+    target = check_target(target_error)
     inner = _network(den, "calibrate_cache")
     names = method_names(inner.model, method)
     where = _placed(inner)  # the calibration runs where the network is
     exact = sample(den, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond, **where)
-    ctx = SpecContext(solver, steps, tuple(shape), grid, cond)
     table = []
     for name in names:
         cls = METHODS[name]
-        extra: dict[str, Any] = {}
-        if name == "magcache":
-            extra["curve"] = magnitude_curve(den, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond)
+        extra = cls.with_curve({}, lambda: magnitude_curve(den, solver, steps, shape=shape, seeds=seeds, grid=grid,
+                                                           cond=cond))
         for knobs in cls.candidates(adapter_of(inner.model)):
             stats = CacheStats()
-            cached = make_cache(den, name, context=ctx, **knobs, **extra)
+            cached = make_cache(den, name, **knobs, **extra)
             out = sample(cached, solver, steps, shape=shape, seeds=seeds, grid=grid, cond=cond, hooks=[stats],
                          **where)
             table.append((name, {**knobs, **extra}, *_rel_err(out, exact), stats.mean_work))
     return pick(table, target)
 
 
+def _build(den: Denoiser, spec: CacheSpec, context: SpecContext | None) -> Denoiser:
+    """The cache ``spec`` names around ``den``'s network (under its guidance): a curve it reads and does not give
+    is recorded on that network (``context``: on a run like the ones it will serve)."""
+    cls = spec.method
+    if spec.is_search:
+        raise ValueError(f"{spec.text!r} is a calibration search: build it with cache_from_spec(den, spec, solver=..., "
+                         f"steps=..., shape=...) or calibrate_cache")
+    if cls is None:
+        return den
+    if context is None and cls.needs_run(spec.knobs):
+        raise ValueError(f"{cls.name} needs a calibration run: give the solver and steps it will serve")
+
+    def make(inner: Denoiser) -> Denoiser:
+        def record() -> MagnitudeCurve:
+            assert context is not None  # checked above: only called when the method needs a run
+            return magnitude_curve(inner, context.solver, context.steps, shape=context.shape, seeds=context.seeds,
+                                   grid=context.grid, cond=context.cond)
+
+        return cls(inner, **cls.with_curve(spec.knobs, record))
+
+    return with_cache(den, make)
+
+
+def make_cache(den: Denoiser, method: str, *, context: SpecContext | None = None, **knobs: Any) -> Denoiser:
+    """``method`` (a method's name, or a spec such as ``"taylorseer:interval=3"``; ``"none"``: ``den`` itself) with
+    ``knobs`` around ``den``'s network (under its guidance, if any); ``context`` lets a method that reads a
+    magnitude curve (MagCache) record it on a run like the ones it will serve."""
+    return _build(den, parse_cache(method, **knobs), context)
+
+
 def cache_from_spec(den: Denoiser, spec: str, *, solver: Any, steps: int | torch.Tensor, shape: Sequence[int],
-                    grid: str = "time_quadratic", cond: Cond = None) -> tuple[Denoiser, Calibration | None]:
-    """The cache a command-line spec names around ``den`` (under its guidance): ``"deepcache:interval=3"``,
+                    grid: str = DEFAULT_GRID, cond: Cond = None) -> tuple[Denoiser, Calibration | None]:
+    """The cache a spec names around ``den`` (under its guidance): ``"deepcache:interval=3"``,
     ``"taylorseer:interval=4:order=1"``, ``"none"``, or ``"auto:target_error=0.05[:method=...]"``, which calibrates
     it (:func:`calibrate_cache`) for ``solver``, ``steps`` and ``grid`` and returns the calibration too.
     ``steps`` may be the grid's times themselves (then ``grid`` is not used)."""
-    from fewstep.spec import parse_spec
-
-    name, knobs = parse_spec(spec)
-    if name != "auto":
-        return make_cache(den, name, context=SpecContext(solver, steps, tuple(shape), grid, cond), **knobs), None
-    target = _check_target(knobs.pop("target_error", 0.05))
-    cal = calibrate_cache(den, solver, steps, shape=shape, target_error=target, grid=grid, cond=cond, **knobs)
-    if cal.method == "none":
-        return den, cal
+    parsed = parse_cache(spec)
+    if not parsed.is_search:
+        return _build(den, parsed, SpecContext(solver, steps, tuple(shape), grid, cond)), None
+    assert parsed.target_error is not None
+    cal = calibrate_cache(den, solver, steps, shape=shape, target_error=parsed.target_error, method=parsed.search,
+                          grid=grid, cond=cond)
     return make_cache(den, cal.method, **cal.knobs), cal
 
 
@@ -186,21 +177,13 @@ def check_cache_spec(den: Denoiser, spec: str) -> None:
     """Raise the error :func:`cache_from_spec` would, without running anything: an unknown method, a method this
     network cannot use, an unknown or bad knob, a non-positive ``target_error``. (A command line checks its caches
     before the first experiment runs.)"""
-    from fewstep.spec import parse_spec
-
-    name, knobs = parse_spec(spec)
-    if name == "none":
+    parsed = parse_cache(spec)
+    if parsed.is_none:
         return
     inner = _network(den, "a cache")
-    if name == "auto":
-        _check_target(knobs.pop("target_error", 0.05))
-        method = knobs.pop("method", None)
-        if knobs:
-            raise TypeError(f"auto takes target_error and method; got {sorted(knobs)}")
-        method_names(inner.model, method)
+    cls = parsed.method
+    if cls is None:  # a search
+        method_names(inner.model, parsed.search)
         return
-    if name not in METHODS:
-        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}, auto")
-    if name == "magcache" and "curve" not in knobs:
-        knobs["curve"] = MagnitudeCurve((0.0, 1.0), (1.0, 1.0))  # recorded at run time; checked for the knobs
-    METHODS[name](inner, **knobs)
+    # a curve is recorded at run time: a stand-in checks the other knobs
+    cls(inner, **cls.with_curve(parsed.knobs, lambda: MagnitudeCurve((0.0, 1.0), (1.0, 1.0))))

@@ -1,5 +1,10 @@
 """The cache methods as Denoisers, and the registry that names them (with their calibration candidates).
 
+Each method class declares what it needs as data: the network kinds it works on (``kinds``), the kinds whose
+calibration tries it by default (``default_for``), and the knob holding a magnitude curve that a calibration run
+records when it is not given (``curve_knob``, MagCache's ``curve``). Specs and calibration read these; nothing
+recognises a method by its name.
+
 Each method is a :class:`~fewstep.models.Denoiser` around a :class:`~fewstep.models.ModelDenoiser`: solvers never
 hear of it. Its state lives in a per-run copy (``for_run``, called by ``sample()``): a shallow copy of the network
 whose block lists go through a fresh engine (:mod:`fewstep.caching.engines`), so nothing is shared between runs or
@@ -14,13 +19,12 @@ the run's hooks (:class:`~fewstep.caching.CacheStats`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from fewstep.caching.adapters import BlockAdapter, adapter_of
+from fewstep.caching.adapters import ADAPTERS, BlockAdapter, adapter_of
 from fewstep.caching.engines import ChainRecipe, Recipe, UNetRecipe, _Engine, _Meters
 from fewstep.caching.policies import (
     FirstBlockThreshold,
@@ -33,27 +37,22 @@ from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.models.guidance import ClassifierFreeGuidance
 
-__all__ = ["METHODS", "BlockCache", "DeepCache", "EncoderPropagation", "FeatureCache", "MagCache", "SpecContext",
-           "TaylorSeer", "make_cache", "model_denoiser", "with_cache"]
-
-
-@dataclass(frozen=True)
-class SpecContext:
-    """What a method calibrated from a run needs to know about the runs it will serve (MagCache's curve)."""
-
-    solver: Any
-    steps: int | torch.Tensor  # a step count on ``grid``, or the grid's times
-    shape: tuple[int, ...]
-    grid: str = "time_quadratic"
-    cond: Cond = None
-    seeds: str = "1000-1127"  # the calibration seeds: conditioning given per sample is built for them
+__all__ = ["METHODS", "BlockCache", "DeepCache", "EncoderPropagation", "FeatureCache", "MagCache", "TaylorSeer",
+           "model_denoiser", "with_cache"]
 
 
 class FeatureCache(Denoiser):
-    """Base of the cache methods: a recipe (what to skip and when) around a ModelDenoiser's network."""
+    """Base of the cache methods: a recipe (what to skip and when) around a ModelDenoiser's network.
+
+    Class data: ``name`` (its spec name), ``kinds`` (the network kinds, ``"unet"`` / ``"chain"``, it works on),
+    ``default_for`` (the kinds whose calibration tries it when no method is named), ``curve_knob`` (the knob holding
+    the :class:`~fewstep.caching.MagnitudeCurve` it reads, recorded by a calibration run when not given; ``None``:
+    it needs no run)."""
 
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("unet", "chain")
+    default_for: ClassVar[tuple[str, ...]] = ()
+    curve_knob: ClassVar[str | None] = None
 
     def __init__(self, den: Denoiser, **knobs: Any) -> None:
         self.den = model_denoiser(den, type(self).__name__)
@@ -74,11 +73,24 @@ class FeatureCache(Denoiser):
         return self.den.sample_shape
 
     @classmethod
+    def needs_run(cls, knobs: Mapping[str, Any]) -> bool:
+        """Whether a calibration run must come before this method is built with ``knobs``: it reads a magnitude
+        curve (``curve_knob``) and ``knobs`` do not give one."""
+        return cls.curve_knob is not None and cls.curve_knob not in knobs
+
+    @classmethod
+    def with_curve(cls, knobs: Mapping[str, Any], record: Callable[[], MagnitudeCurve]) -> dict[str, Any]:
+        """``knobs``, with the magnitude curve this method reads taken from ``record()`` (a calibration run, or a
+        stand-in that checks the other knobs) when :meth:`needs_run`; ``record`` is not called otherwise."""
+        knob = cls.curve_knob
+        if knob is None or knob in knobs:
+            return dict(knobs)
+        return {**knobs, knob: record()}
+
+    @classmethod
     def adapter_for(cls, net: torch.nn.Module) -> BlockAdapter:
         adapter = adapter_of(net)
         if adapter.kind not in cls.kinds:
-            from fewstep.caching.adapters import ADAPTERS
-
             fits = [a.family for a in ADAPTERS.values() if a.kind in cls.kinds]
             others = [n for n, c in METHODS.items() if adapter.kind in c.kinds]
             raise TypeError(f"{cls.__name__} works on {', '.join(fits)}; for a {type(net).__name__} use "
@@ -93,10 +105,6 @@ class FeatureCache(Denoiser):
     def candidates(cls, adapter: BlockAdapter) -> list[dict[str, Any]]:
         """Settings :func:`~fewstep.caching.calibrate_cache` tries, most aggressive first."""
         return []
-
-    @classmethod
-    def from_spec(cls, den: Denoiser, knobs: dict[str, Any], ctx: SpecContext | None) -> FeatureCache:
-        return cls(den, **knobs)
 
     def engine(self, net: torch.nn.Module) -> _Engine:
         return self.recipe.engine(net, self.adapter, self._meters)
@@ -138,6 +146,8 @@ class _CachedRun(Denoiser):
 
 
 def model_denoiser(den: Denoiser, who: str) -> ModelDenoiser:
+    """``den`` itself, checked to be the ModelDenoiser a cache wraps (a guided one is refused: caches go under the
+    guidance)."""
     if isinstance(den, ClassifierFreeGuidance):
         raise TypeError(f"{who} goes under the guidance, around the network: ClassifierFreeGuidance({who}(den, ...), "
                         f"scale), or make_cache(guided, ...) which puts it there")
@@ -145,6 +155,22 @@ def model_denoiser(den: Denoiser, who: str) -> ModelDenoiser:
         raise TypeError(f"{who} wraps a fewstep ModelDenoiser around a diffusers network (e.g. from_diffusers or "
                         f"fewstep.zoo.load); got {type(den).__name__}")
     return den
+
+
+def _network(den: Denoiser, who: str) -> ModelDenoiser:
+    """The ModelDenoiser under ``den``'s guidance."""
+    while isinstance(den, ClassifierFreeGuidance):
+        den = den.inner
+    return model_denoiser(den, who)
+
+
+def _placed(net: ModelDenoiser) -> dict[str, Any]:
+    """``sample()``'s ``device`` and ``dtype`` for runs of ``net``: its network's device, and the state dtype of a
+    run in its dtype (float32 under half precisions, as :func:`fewstep.plan.state_dtype`)."""
+    param = next(iter(net.model.parameters()), None) if isinstance(net.model, torch.nn.Module) else None
+    if param is None:
+        return {}
+    return {"device": param.device, "dtype": torch.float64 if param.dtype == torch.float64 else torch.float32}
 
 
 def _int(name: str, value: Any, low: int) -> int:
@@ -172,6 +198,7 @@ class DeepCache(FeatureCache):
 
     name = "deepcache"
     kinds = ("unet",)
+    default_for = ("unet",)
 
     @classmethod
     def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, interval: int = 3, branch: int = 0,
@@ -234,6 +261,7 @@ class BlockCache(FeatureCache):
 
     name = "block"
     kinds = ("chain",)
+    default_for = ("chain",)
 
     @classmethod
     def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, threshold: float = 0.05, warmup: int = 1,
@@ -297,6 +325,7 @@ class MagCache(FeatureCache):
 
     name = "magcache"
     kinds = ("chain",)
+    curve_knob = "curve"
 
     @classmethod
     def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *, curve: MagnitudeCurve | None = None,
@@ -311,48 +340,14 @@ class MagCache(FeatureCache):
         return [{"threshold": th, "max_skip": k} for th in (0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.03, 0.015)
                 for k in (4, 2)]
 
-    @classmethod
-    def from_spec(cls, den: Denoiser, knobs: dict[str, Any], ctx: SpecContext | None) -> FeatureCache:
-        if "curve" not in knobs:
-            if ctx is None:
-                raise ValueError("magcache needs a calibration run: give the solver and steps it will serve")
-            from fewstep.caching.calibrate import magnitude_curve
-
-            knobs = {**knobs, "curve": magnitude_curve(den, ctx.solver, ctx.steps, shape=ctx.shape,
-                                                       seeds=ctx.seeds, grid=ctx.grid, cond=ctx.cond)}
-        return cls(den, **knobs)
-
-
-class _Recorder(FeatureCache):
-    """Records the chain residual's magnitude on every evaluation; never reuses (for :func:`magnitude_curve`)."""
-
-    name = "record"
-    kinds = ("chain",)
-
-    @classmethod
-    def make_recipe(cls, adapter: BlockAdapter, net: torch.nn.Module, *,
-                    record: list[tuple[float, float]]) -> Recipe:
-        return ChainRecipe(schedule=Scheduled(1, "uniform", 0), record=record)
-
 
 METHODS: dict[str, type[FeatureCache]] = {c.name: c for c in (DeepCache, EncoderPropagation, BlockCache,
                                                                 TaylorSeer, MagCache)}
 
 
-def with_cache(den: Denoiser, make: Any) -> Denoiser:
+def with_cache(den: Denoiser, make: Callable[[Denoiser], Denoiser]) -> Denoiser:
     """``den`` with ``make(model_denoiser)`` put under its guidance: a cache goes around the network, inside
     :class:`~fewstep.models.ClassifierFreeGuidance` (which then keeps one cache state per branch)."""
     if isinstance(den, ClassifierFreeGuidance):
         return ClassifierFreeGuidance(with_cache(den.inner, make), den.scale, uncond=den.uncond)
     return make(den)
-
-
-def make_cache(den: Denoiser, method: str, *, context: SpecContext | None = None, **knobs: Any) -> Denoiser:
-    """``method`` (a name in :data:`METHODS`, or ``"none"``) with ``knobs`` around ``den``'s network (under its
-    guidance, if any); ``context`` lets run-calibrated methods (MagCache) record what they need."""
-    if method == "none":
-        return den
-    if method not in METHODS:
-        raise ValueError(f"unknown cache {method!r}; known: none, {', '.join(METHODS)}, auto")
-    cls = METHODS[method]
-    return with_cache(den, lambda d: cls.from_spec(d, knobs, context))

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from fewstep.caching.adapters import adapter_of
-from fewstep.caching.calibrate import Calibration, curve_of
+from fewstep.caching.calibrate import Calibration, _rel_err, method_names, pick
 from fewstep.caching.engines import _Engine, _Meters
+from fewstep.caching.magnitude import _Recorder, curve_of
 from fewstep.caching.methods import METHODS, FeatureCache
 from fewstep.caching.policies import MagnitudeCurve
+from fewstep.caching.spec import check_target, parse_cache
 from fewstep.caching.stats import CacheStats
 from fewstep.models.families import family_of
 
@@ -128,43 +130,39 @@ def enable_cache(pipe: Any, spec: str, *, seeds: Sequence[int] = (1000, 1001, 10
     magnitude curve from one uncached run, and ``"auto:target_error=0.05[:method=...]"`` picks the cheapest setting
     whose latents stay within the target of the uncached ones (:func:`calibrate_pipeline_cache`)."""
     from fewstep.pipelines import denoising_network
-    from fewstep.spec import parse_spec
 
     net = denoising_network(pipe)
-    name, knobs = parse_spec(spec)
-    if name != "none" and name != "auto" and name not in METHODS:
-        raise ValueError(f"unknown cache {name!r}; known: none, {', '.join(METHODS)}, auto")
-    needs_run = name == "auto" or (name == "magcache" and "curve" not in knobs)
-    if needs_run and not call:
-        raise ValueError(f"{name} runs the pipeline first: pass the keywords of the calls it will serve, e.g. "
+    parsed = parse_cache(spec)
+    if parsed.needs_run and not call:
+        raise ValueError(f"{parsed.name} runs the pipeline first: pass the keywords of the calls it will serve, e.g. "
                          f"enable_cache(pipe, {spec!r}, prompt='...', num_inference_steps=28)")
     disable_cache(pipe)
-    if name == "none":
-        return PipelineCache(pipe, net, METHODS["deepcache"], None, spec)
-    if name == "auto":
-        from fewstep.caching.calibrate import _check_target
-
-        target = _check_target(knobs.pop("target_error", 0.05))
-        cal = calibrate_pipeline_cache(pipe, target_error=target, seeds=seeds, **knobs, **call)
-        if cal.method == "none":
-            handle = PipelineCache(pipe, net, METHODS["deepcache"], None, spec)
-        else:
-            handle = _enable(pipe, net, cal.method, dict(cal.knobs), spec)
+    if parsed.is_search:
+        assert parsed.target_error is not None
+        cal = calibrate_pipeline_cache(pipe, target_error=parsed.target_error, method=parsed.search, seeds=seeds,
+                                       **call)
+        handle = _enable(pipe, net, METHODS.get(cal.method), dict(cal.knobs), spec)  # None: "none" was chosen
         handle.calibration = cal
         return handle
-    if needs_run:
-        METHODS[name].adapter_for(net)  # refuses a network this method cannot use, before the run
-        knobs["curve"] = pipeline_magnitude_curve(pipe, seeds=seeds, **call)
-    return _enable(pipe, net, name, knobs, spec)
+    cls = parsed.method
+    if cls is None:
+        return _enable(pipe, net, None, {}, spec)
+    if cls.needs_run(parsed.knobs):
+        cls.adapter_for(net)  # refuses a network this method cannot use, before the run
+    knobs = cls.with_curve(parsed.knobs, lambda: pipeline_magnitude_curve(pipe, seeds=seeds, **call))
+    return _enable(pipe, net, cls, knobs, spec)
 
 
-def _enable(pipe: Any, net: torch.nn.Module, name: str, knobs: dict[str, Any], spec: str) -> PipelineCache:
-    cls = METHODS[name]
+def _enable(pipe: Any, net: torch.nn.Module, cls: type[FeatureCache] | None, knobs: dict[str, Any],
+            spec: str) -> PipelineCache:
+    """``cls`` with ``knobs`` on ``net``; ``None``: no cache (a handle that counts nothing, nothing installed)."""
+    if cls is None:
+        return PipelineCache(pipe, net, FeatureCache, None, spec)
     adapter = cls.adapter_for(net)
     try:
         recipe = cls.make_recipe(adapter, net, **knobs)
     except TypeError as err:
-        raise TypeError(f"cache {name!r}: {err}") from None
+        raise TypeError(f"cache {cls.name!r}: {err}") from None
     return _install(pipe, net, cls, recipe, spec)
 
 
@@ -205,7 +203,6 @@ def pipeline_magnitude_curve(pipe: Any, *, seeds: Sequence[int] = (1000, 1001, 1
                              **call: Any) -> MagnitudeCurve:
     """MagCache's curve recorded on one uncached run of the pipeline called with ``call`` (its clock: the
     network's timestep input, as the pipeline feeds it)."""
-    from fewstep.caching.methods import _Recorder
     from fewstep.pipelines import denoising_network
 
     net = denoising_network(pipe)
@@ -225,10 +222,9 @@ def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | No
     uncached and with every candidate setting of ``method`` (``None``: DeepCache for U-Nets, the first-block cache
     for transformers; ``"all"``: every method the network supports) and returns the cheapest whose latents stay
     within ``target_error`` (mean per-sample relative error, held to its bootstrap 90th percentile)."""
-    from fewstep.caching.calibrate import _check_target, _rel_err, method_names, pick
     from fewstep.pipelines import denoising_network
 
-    target = _check_target(target_error)
+    target = check_target(target_error)
     net = denoising_network(pipe)
     adapter = adapter_of(net)
     names = method_names(net, method)
@@ -236,11 +232,10 @@ def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | No
     exact = _latents(pipe, seeds, call)
     table = []
     for name in names:
-        extra: dict[str, Any] = {}
-        if name == "magcache":
-            extra["curve"] = pipeline_magnitude_curve(pipe, seeds=seeds, **call)
-        for knobs in METHODS[name].candidates(adapter):
-            handle = _enable(pipe, net, name, {**knobs, **extra}, name)
+        cls = METHODS[name]
+        extra = cls.with_curve({}, lambda: pipeline_magnitude_curve(pipe, seeds=seeds, **call))
+        for knobs in cls.candidates(adapter):
+            handle = _enable(pipe, net, cls, {**knobs, **extra}, name)
             try:
                 out = _latents(pipe, seeds, call)
             finally:

@@ -2,10 +2,11 @@
 
 Each :class:`ModelFamily` describes one diffusers class once: the keyword names of its ``forward``, the time it
 takes, how its latents are laid out (Flux packs 2x2 patches into tokens), the learned-sigma split, the
-conditioning it needs or defaults, and where its blocks are and what a block takes and returns (for feature
-caches). :class:`~fewstep.models.ModelDenoiser` calls a network through :meth:`ModelFamily.call`;
-:func:`~fewstep.models.from_diffusers` looks the family up with :func:`family_of`. Adding a family is one entry in
-:data:`FAMILIES` and one test pinning it to the real ``forward``.
+conditioning it needs or defaults, where its blocks are and what a block takes and returns, and how a feature
+cache sees them (:class:`CacheLayout`, or the reason it has none). :class:`~fewstep.models.ModelDenoiser` calls a
+network through :meth:`ModelFamily.call`; :func:`~fewstep.models.from_diffusers` looks the family up with
+:func:`family_of`; the caches' block adapters (:data:`fewstep.caching.ADAPTERS`) are derived from the entries with a
+layout. Adding a family is one entry in :data:`FAMILIES` and one test pinning it to the real ``forward``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from fewstep.schedules import NoiseSchedule, RectifiedFlow
 
-__all__ = ["FAMILIES", "Blocks", "Default", "ModelFamily", "Need", "Refuse", "When", "family_of"]
+__all__ = ["CACHE_KINDS", "FAMILIES", "Blocks", "CacheLayout", "Default", "ModelFamily", "Need", "Refuse", "When",
+           "family_of"]
 
 
 def setting(model: Any, name: str) -> Any:
@@ -81,6 +83,31 @@ class Blocks:
     single: bool = False
 
 
+CACHE_KINDS = ("unet", "chain")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How a feature cache sees a family's :class:`Blocks` (:mod:`fewstep.caching.adapters` reads it).
+
+    Attributes:
+        kind: ``"unet"``: the block lists are a U-Net's ``down``/``mid``/``up`` positions (caches reuse their
+            outputs); ``"chain"``: a transformer's blocks, one chain in the order ``forward`` runs them (caches reuse
+            the chain's residual on every stream a block returns).
+        unbatched: block inputs that are not per sample (Flux's rotary embedding), passed whole to a sample subset.
+        refused: conditioning a cache cannot honour: residuals added between the blocks it skips (ControlNet,
+            T2I-Adapter), or a change of which blocks run (SD3's ``skip_layers``).
+    """
+
+    kind: str
+    unbatched: frozenset[str] = frozenset()
+    refused: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in CACHE_KINDS:
+            raise ValueError(f"cache layout kind must be one of {', '.join(CACHE_KINDS)}, got {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How one diffusers model class is called.
@@ -107,6 +134,8 @@ class ModelFamily:
             first half is the prediction (DiT, PixArt, Sana, DeepFloyd IF; as their pipelines do).
         default_size: latent side when the config has no ``sample_size`` (Flux: 128, its pipeline's default).
         blocks: the block lists, in the order ``forward`` runs them.
+        cache: how feature caches wrap the blocks; ``None`` when they cannot, and then ``no_cache`` says why.
+        no_cache: why a family without a cache layout has none (named in the caches' error).
         ends: the layers that read the noisy input and write the prediction (the patch or input embedding, the
             output projection): quantization keeps them in float by default (:mod:`fewstep.quant`).
     """
@@ -128,11 +157,19 @@ class ModelFamily:
     learned_sigma: bool = False
     default_size: int | None = None
     blocks: tuple[Blocks, ...] = ()
+    cache: CacheLayout | None = None
+    no_cache: str = ""
     ends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.time not in ("native", "unit"):
             raise ValueError(f"time must be 'native' or 'unit', got {self.time!r}")
+        if (self.cache is None) == (not self.no_cache):
+            raise ValueError(f"{self.name}: give a cache layout or the reason it has none (no_cache=), not both")
+        if self.cache is not None and not self.blocks:
+            raise ValueError(f"{self.name}: a cache layout needs the block lists (blocks=)")
+        if self.cache is not None and self.cache.kind == "chain" and len({b.returns for b in self.blocks}) != 1:
+            raise ValueError(f"{self.name}: every block list of a chain returns the same streams")
 
     # -- reading a model's configuration -------------------------------------------------------------------------
 
@@ -283,6 +320,8 @@ _BASIC_BLOCKS = Blocks("transformer_blocks", ("hidden_states", "attention_mask",
                                               "encoder_attention_mask", "timestep", "cross_attention_kwargs",
                                               "class_labels"), ("hidden_states",))
 _JOINT_TAKES = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
+_UNET_CACHE = CacheLayout("unet")
+_CHAIN_CACHE = CacheLayout("chain")
 _CLASS_NEEDS = (Need("class_labels", When("num_class_embeds")), Need("class_labels", When("class_embed_type")))
 
 _ALL = (
@@ -292,6 +331,7 @@ _ALL = (
         cond=("class_labels",),
         needs=_CLASS_NEEDS,
         blocks=(_UNET_DOWN, _UNET_MID, _UNET_UP),
+        cache=_UNET_CACHE,
         ends=("conv_in", "conv_out"),
     ),
     ModelFamily(  # SD 1.x/2.x; SDXL (added_cond_kwargs text_embeds + time_ids); DeepFloyd IF (learned sigma)
@@ -306,6 +346,8 @@ _ALL = (
         nested=("added_cond_kwargs",),
         learned_sigma=True,
         blocks=(_UNET_DOWN, _UNET_MID, _UNET_UP),
+        cache=CacheLayout("unet", refused=("down_block_additional_residuals", "mid_block_additional_residual",
+                                           "down_intrablock_additional_residuals")),
         ends=("conv_in", "conv_out"),
     ),
     ModelFamily(  # class-conditional; the label table has a null class at index num_classes (class dropout)
@@ -317,6 +359,7 @@ _ALL = (
                           When("num_embeds_ada_norm")),),
         learned_sigma=True,
         blocks=(_BASIC_BLOCKS,),
+        cache=_CHAIN_CACHE,
         ends=("pos_embed.proj", "proj_out_2"),
     ),
     ModelFamily(
@@ -332,6 +375,7 @@ _ALL = (
         nested=("added_cond_kwargs",),
         learned_sigma=True,
         blocks=(_BASIC_BLOCKS,),
+        cache=_CHAIN_CACHE,
         ends=("pos_embed.proj", "proj_out"),
     ),
     ModelFamily(
@@ -342,6 +386,7 @@ _ALL = (
         needs=(Need("encoder_hidden_states"), Need("pooled_projections")),
         blocks=(Blocks("transformer_blocks", ("hidden_states", "encoder_hidden_states", "temb",
                                               "joint_attention_kwargs"), ("encoder_hidden_states", "hidden_states")),),
+        cache=CacheLayout("chain", refused=("skip_layers", "block_controlnet_hidden_states")),
         ends=("pos_embed.proj", "proj_out"),
     ),
     ModelFamily(
@@ -359,6 +404,8 @@ _ALL = (
         default_size=128,
         blocks=(Blocks("transformer_blocks", _JOINT_TAKES, ("encoder_hidden_states", "hidden_states")),
                 Blocks("single_transformer_blocks", _JOINT_TAKES, ("encoder_hidden_states", "hidden_states"))),
+        cache=CacheLayout("chain", unbatched=frozenset({"image_rotary_emb"}),
+                          refused=("controlnet_block_samples", "controlnet_single_block_samples")),
         ends=("x_embedder", "proj_out"),
     ),
     ModelFamily(
@@ -374,6 +421,7 @@ _ALL = (
         blocks=(Blocks("transformer_blocks", ("hidden_states", "attention_mask", "encoder_hidden_states",
                                               "encoder_attention_mask", "timestep", "height", "width"),
                        ("hidden_states",)),),
+        no_cache="its blocks take the latent height and width, and no test pins them yet",
         ends=("patch_embed.proj", "proj_out"),
     ),
 )
