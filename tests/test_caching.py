@@ -201,6 +201,13 @@ def test_bench_runs_diffusers_cache_hooks_as_peer_rows(tmp_path):
     assert set(rows) == {"ddim", "ddim+diffusers:fbcache:threshold=0.5", "ddim+taylorseer:interval=2"}
     for label in ("ddim+diffusers:fbcache:threshold=0.5", "ddim+taylorseer:interval=2"):
         assert 0 < rows[label]["cache_work"] < 1 and rows[label]["cache_reused"] > 0
+    from fewstep.bench import write_report
+
+    text = write_report(store, tmp_path / "report").read_text()
+    assert "Caches: work is the share of a full evaluation's multiply-accumulates" in text
+    for label in rows:  # one table, one unit: the uncached row at work 1, both cached rows below it
+        work = rows[label].get("cache_work", 1.0)
+        assert f"| {label} | 6 | {work:.3f} |" in text
 
 
 @pytest.mark.parametrize(("argv", "message"), [

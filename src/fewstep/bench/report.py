@@ -137,6 +137,26 @@ def _quant_table(rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _cache_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The cached rows of one model (fewstep's caches and diffusers' hooks) beside the uncached ones: work in one
+    unit for both, reused evaluations, error, FD, model and wall time. Nothing when no row is cached."""
+    cached = [r for r in rows if r.get("cache_work") is not None]
+    if not cached:
+        return []
+    plain = [r for r in rows if not r["experiment"].cache and r["experiment"].backend == "fewstep"
+             and any(c["experiment"].solver == r["experiment"].solver and c["nfe"] == r["nfe"] for c in cached)]
+    lines = ["Caches: work is the share of a full evaluation's multiply-accumulates that each network evaluation "
+             "computed, averaged over the run (convolutions, linear layers and attention products, counted by one "
+             "meter for fewstep's caches and diffusers' hooks alike; 1 for the uncached rows); reused: evaluations "
+             "answered from the cache.", "",
+             "| row | NFE | work | reused | error | FD | model s | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(plain + cached, key=lambda r: (r["nfe"], r.get("cache_work", 1.0) != 1.0, r["label"])):
+        work, reused = r.get("cache_work", 1.0), r.get("cache_reused", 0)
+        lines.append(f"| {r['label']} | {r['nfe']} | {work:.3f} | {reused} | {r['error']:.3g} | {r['fd']:.3g} | "
+                     f"{r['model_seconds']:.3g} | {r['wall_seconds']:.3g} |")
+    return [*lines, ""]
+
+
 def write_report(store: ResultStore, out_dir: str | Path) -> Path:
     """Write ``report.md``, ``error_vs_nfe.png``, ``fd_vs_nfe.png``, ``pareto.png`` and one ``grid_<model>.png``
     per model into ``out_dir``; returns the Markdown path."""
@@ -188,6 +208,7 @@ def write_report(store: ResultStore, out_dir: str | Path) -> Path:
                    title=f"{model}: first 8 seeds, rows = solvers, columns = NFE")
         frontier = ", ".join(f"{mrows[i]['label']} @ NFE {mrows[i]['nfe']}" for i in pareto_front(pts))
         lines += _quant_table(mrows)
+        lines += _cache_table(mrows)
         lines += [f"Pareto front (FD vs model time): {frontier}.", "",
                   f"![error vs NFE](error_vs_nfe_{safe}.png) ![FD vs NFE](fd_vs_nfe_{safe}.png)", "",
                   f"![Pareto](pareto_{safe}.png)", "", f"![samples](grid_{safe}.png)", ""]
