@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from fewstep import invert, make_solver, regenerate, sample, zoo
-from fewstep.bench.report import mosaic
 from fewstep.data import digits_tensor
 from fewstep.noise import SampleNoise
+from fewstep.outputs import mosaic
 
 ANGLES = (0.25, 0.5, 0.75)  # fraction of a right angle: latent' = cos(a) x_T + sin(a) z
 

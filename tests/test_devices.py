@@ -14,8 +14,8 @@ from fewstep.grids import make_grid
 from fewstep.noise import SampleNoise
 from fewstep.plan import Plan, place
 from fewstep.schedules import DiscreteVP
-from fewstep.tuning.store import TuneStore
 from fewstep.tuning import tune
+from fewstep.tuning.store import TuneStore
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

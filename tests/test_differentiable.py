@@ -7,8 +7,8 @@ import torch
 
 from fewstep import sample
 from fewstep.differentiable import run
-from fewstep.hostfn import host
 from fewstep.grids import make_grid
+from fewstep.hostfn import host
 from fewstep.models import ClassifierFreeGuidance, ModelDenoiser
 from fewstep.models.retime import Retimed
 from fewstep.plan import Plan

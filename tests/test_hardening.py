@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from fewstep import make_solver, sample
-from fewstep.bench.report import mosaic
 from fewstep.cli import main
 from fewstep.models.base import Denoiser
 from fewstep.noise import MAX_SEEDS, parse_seeds
-from fewstep.outputs import atomic_write, check_output_dir, check_output_file
+from fewstep.outputs import atomic_write, check_output_dir, check_output_file, mosaic
 from fewstep.schedules import DiscreteVP, LinearVP
 from fewstep.zoo import AnalyticDenoiser, gaussian
 

@@ -6,8 +6,8 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-from fewstep.tuning.report import write_tune_report
 from fewstep.schedules import LinearVP
+from fewstep.tuning.report import write_tune_report
 
 TUNED4 = [1.0, 0.62, 0.31, 0.09, 0.0]
 

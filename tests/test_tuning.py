@@ -227,8 +227,8 @@ def test_a_conditional_guided_tune_resumes(tmp_path):
     import torch
 
     from fewstep import zoo
-    from fewstep.tuning.store import TuneStore
     from fewstep.tuning import tune
+    from fewstep.tuning.store import TuneStore
 
     den = zoo.load("dit_s")
     held_out = {"class_labels": torch.arange(10) % 2 + 2}

@@ -1,24 +1,30 @@
 """From a prompt to an image: a local diffusers pipeline folder, sampled by a fewstep solver.
 
 :func:`load_pipeline` loads a pipeline folder offline from safetensors only; :func:`use_fewstep` swaps its scheduler
-for :class:`~fewstep.scheduler.FewstepScheduler`; :func:`quantize_pipeline` puts a weight-only quantized copy of its
-network in its place; :func:`generate` runs it with one seeded generator per image, so
-image k is the same whatever else is generated with it.
+for :class:`~fewstep.scheduler.FewstepScheduler` (:func:`use_plan`: one that samples as a plan says);
+:func:`quantize_pipeline` puts a weight-only quantized copy of its network in its place; :func:`generate` runs it with
+one seeded generator per image, so image k is the same whatever else is generated with it; :func:`save_generated`
+writes what it made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from fewstep.models.diffusers import denoising_network, network_name
+from fewstep.outputs import atomic_write, save_grid
+from fewstep.plan import Plan
 from fewstep.scheduler import FewstepScheduler
 
 __all__ = ["DTYPES", "check_pipeline_scheme", "denoising_network", "generate", "load_pipeline", "quantize_pipeline",
-           "use_fewstep"]
+           "save_generated", "use_fewstep", "use_plan"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,16 +75,15 @@ def use_fewstep(pipe: Any, solver: str = "dpmpp_2m", grid: str = "diffusers", **
     return scheduler
 
 
-def _network_name(pipe: Any) -> str:
-    for name in ("unet", "transformer"):
-        if isinstance(getattr(pipe, name, None), torch.nn.Module):
-            return name
-    raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
-
-
-def denoising_network(pipe: Any) -> torch.nn.Module:
-    """The pipeline's denoising network (``unet`` or ``transformer``)."""
-    return getattr(pipe, _network_name(pipe))
+def use_plan(pipe: Any, plan: Plan) -> FewstepScheduler:
+    """Replace ``pipe.scheduler`` with a :class:`FewstepScheduler` that samples as ``plan`` says (its solver and
+    knobs, its grid or explicit times) on the pipeline's own scheduler config; returns it. The pipeline stands in
+    for the plan's model, and what a scheduler does not do is left to the caller: the plan's quantization
+    (:func:`quantize_pipeline`), cache (:func:`fewstep.enable_cache`) and guidance scale (:func:`generate`)."""
+    scheduler = FewstepScheduler.from_plan(dataclasses.replace(plan, cache="", guidance=None, quant=""),
+                                           pipe.scheduler)
+    pipe.scheduler = scheduler
+    return scheduler
 
 
 def check_pipeline_scheme(scheme: str) -> None:
@@ -110,7 +115,7 @@ def quantize_pipeline(pipe: Any, scheme: str) -> Any:
     from fewstep.quant import quantize
 
     check_pipeline_scheme(scheme)
-    name = _network_name(pipe)
+    name = network_name(pipe)
     quantized = quantize(from_diffusers(getattr(pipe, name), pipe.scheduler), scheme)
     setattr(pipe, name, quantized.model)
     return quantized.quant
@@ -141,3 +146,15 @@ def generate(pipe: Any, prompt: str, *, seeds: Sequence[int], steps: int, negati
     finally:
         hook.remove()
     return out, len(calls)
+
+
+def save_generated(path: str | os.PathLike, x: torch.Tensor, *, seeds: Sequence[int], calls: int,
+                   timesteps: torch.Tensor) -> Path:
+    """What :func:`generate` made, written atomically: to an ``.npz`` the undecoded latents (``latents``, with their
+    ``seeds``, the ``network_calls`` and the scheduler's ``timesteps``), else images in [0, 1] as a PNG grid."""
+    out = Path(path)
+    if out.suffix == ".npz":
+        arrays = {"latents": x.float().cpu().numpy(), "seeds": np.array(seeds), "network_calls": calls,
+                  "timesteps": timesteps.float().cpu().numpy()}
+        return atomic_write(out, lambda f: np.savez(f, **arrays))
+    return save_grid(out, x.float().cpu() * 2 - 1, scale=1)

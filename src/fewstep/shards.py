@@ -4,7 +4,8 @@ A shard folder holds ``manifest.json`` (what run it is, its seeds and how they a
 per batch of ``batch_size`` seeds (``samples``, ``seeds``, ``nfe``), each written atomically. A run that stops
 leaves only whole shards; run again with the same folder and it skips them. Processes share the work by shard
 index (``index % world == rank``), and since sample ``k`` depends only on its seed and its shard's batch, the union
-is the same, bit for bit, whatever the number of processes.
+is the same, bit for bit, whatever the number of processes. :func:`write_samples` writes the single file of a run
+instead: an ``.npz`` (as one shard) or a PNG image grid.
 
 :class:`StreamingMoments` gives the mean and covariance of features shard by shard (Chan, Golub and LeVeque's
 pairwise update, float64), so an FD over 50k samples needs the memory of one shard.
@@ -20,8 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-__all__ = ["FORMAT", "ShardFolder", "StreamingMoments", "read_manifest", "read_shards", "save_samples"]
+from fewstep.hooks import NFECounter
+from fewstep.outputs import atomic_write, save_grid
+from fewstep.plan import cut_cond
+
+__all__ = ["FORMAT", "ShardFolder", "StreamingMoments", "read_manifest", "read_shards", "save_samples",
+           "write_samples"]
 
 FORMAT = "fewstep.shards/1"
 MANIFEST = "manifest.json"
@@ -62,8 +70,6 @@ class ShardFolder:
     def prepare(self) -> int:
         """Create the folder and its manifest, or check that an existing one is this run's (then it resumes).
         Returns the number of shards already done. Every process may call it: the manifest is the same."""
-        from fewstep.outputs import atomic_write
-
         want = self.manifest()
         existing = self.folder / MANIFEST
         if existing.is_file():
@@ -116,10 +122,16 @@ class ShardFolder:
 def save_samples(path: str | os.PathLike, samples: np.ndarray, seeds: Sequence[int], nfe: int) -> Path:
     """``samples``, their ``seeds`` and the ``nfe`` per sample as one ``.npz``, written atomically: a shard, or the
     single file of ``fewstep sample --out x.npz``."""
-    from fewstep.outputs import atomic_write
-
     arrays = {"samples": samples, "seeds": np.array(seeds), "nfe": np.array(nfe)}
     return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def write_samples(path: str | os.PathLike, samples: torch.Tensor, seeds: Sequence[int], nfe: int) -> Path:
+    """The single file of ``fewstep sample --out``: an ``.npz`` of ``samples``, their ``seeds`` and the ``nfe``
+    (:func:`save_samples`), or for any other suffix a PNG grid (:func:`save_grid`), written atomically."""
+    if Path(path).suffix == ".npz":
+        return save_samples(path, samples.cpu().numpy(), seeds, nfe)
+    return save_grid(path, samples.cpu())
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -185,8 +197,6 @@ class StreamingMoments:
 def folder_moments(folder: str | os.PathLike, features: Any) -> tuple[StreamingMoments, int]:
     """The streaming moments of ``features(samples)`` (a callable to ``(n, d)`` arrays) over a complete shard
     folder, one shard in memory at a time; returns them and the number of samples."""
-    import torch
-
     moments = StreamingMoments()
     for _, samples in read_shards(folder):
         moments.add(features(torch.from_numpy(samples)))
@@ -198,15 +208,10 @@ def run_shards(sampler: Any, shards: ShardFolder, *, cond: Any = None, rank: int
     """Sample this process's pending shards with ``sampler`` (a :class:`fewstep.plan.Sampler`), each written as it
     is done; ``cond`` with one row per seed is cut per shard. ``progress``: a bar over samples. Returns the number
     of shards written and the NFE per sample."""
-    from fewstep.hooks import NFECounter
-    from fewstep.plan import cut_cond
-
     pending = shards.pending(rank, world)
     counter = NFECounter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=sum(len(shards.shard_seeds(i)) for i in pending), unit="sample",
                    desc=f"rank {rank}" if world > 1 else "sampling")
     n = len(shards.seeds)

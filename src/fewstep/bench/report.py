@@ -12,9 +12,9 @@ import torch
 
 from fewstep.bench.store import ResultStore
 from fewstep.noise import parse_seeds
-from fewstep.outputs import atomic_write
+from fewstep.outputs import atomic_write, mosaic
 
-__all__ = ["image_grid", "mosaic", "pareto_front", "write_report"]
+__all__ = ["image_grid", "pareto_front", "write_report"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -26,27 +26,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             front.append(i)
             best = points[i][1]
     return front
-
-
-def mosaic(samples: torch.Tensor, *, cols: int | None = None, scale: int = 4) -> np.ndarray:
-    """Samples in [-1, 1] as one uint8 image: ``cols`` per row (default: square), 1-pixel white gutters, upscaled
-    ``scale`` x by pixel repetition. ``(B, 1, H, W)`` gives a greyscale ``(h, w)`` array, ``(B, 3, H, W)`` an RGB
-    ``(h, w, 3)`` one; other channel counts (latents) have no image and raise ``ValueError``."""
-    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
-        raise ValueError(f"an image grid needs samples of shape (B, 1 or 3, H, W), got {tuple(samples.shape)} "
-                         "(save latents as .npz, or decode them first)")
-    n, channels = samples.shape[:2]
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    imgs = ((samples.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    imgs = imgs.permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
-    h, w = imgs.shape[1:3]
-    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, channels), 255, np.uint8)
-    for k, img in enumerate(imgs):
-        r, c = divmod(k, cols)
-        out[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
-    out = out.repeat(scale, axis=0).repeat(scale, axis=1)
-    return out[..., 0] if channels == 1 else out
 
 
 def image_grid(cells: dict[tuple[str, int], torch.Tensor], path: Path, *, title: str = "") -> None:

@@ -24,6 +24,7 @@ from fewstep.caching.methods import METHODS, FeatureCache
 from fewstep.caching.policies import MagnitudeCurve
 from fewstep.caching.spec import check_target, parse_cache
 from fewstep.caching.stats import CacheStats
+from fewstep.models.diffusers import denoising_network
 from fewstep.models.families import family_of
 
 __all__ = ["PipelineCache", "calibrate_pipeline_cache", "disable_cache", "enable_cache", "pipeline_magnitude_curve"]
@@ -129,8 +130,6 @@ def enable_cache(pipe: Any, spec: str, *, seeds: Sequence[int] = (1000, 1001, 10
     ``num_inference_steps=``, ``guidance_scale=``, ...) on the calibration ``seeds``: ``"magcache:..."`` records its
     magnitude curve from one uncached run, and ``"auto:target_error=0.05[:method=...]"`` picks the cheapest setting
     whose latents stay within the target of the uncached ones (:func:`calibrate_pipeline_cache`)."""
-    from fewstep.pipelines import denoising_network
-
     net = denoising_network(pipe)
     parsed = parse_cache(spec)
     if parsed.needs_run and not call:
@@ -178,8 +177,6 @@ def _install(pipe: Any, net: torch.nn.Module, cls: type[FeatureCache], recipe: A
 
 def disable_cache(pipe: Any) -> None:
     """Remove a cache :func:`enable_cache` put on the pipeline's network (nothing when there is none)."""
-    from fewstep.pipelines import denoising_network
-
     net = denoising_network(pipe)
     handle = _ENABLED.pop(net, None)
     if handle is None:
@@ -203,8 +200,6 @@ def pipeline_magnitude_curve(pipe: Any, *, seeds: Sequence[int] = (1000, 1001, 1
                              **call: Any) -> MagnitudeCurve:
     """MagCache's curve recorded on one uncached run of the pipeline called with ``call`` (its clock: the
     network's timestep input, as the pipeline feeds it)."""
-    from fewstep.pipelines import denoising_network
-
     net = denoising_network(pipe)
     record: list[tuple[float, float]] = []
     disable_cache(pipe)
@@ -222,8 +217,6 @@ def calibrate_pipeline_cache(pipe: Any, *, target_error: float, method: str | No
     uncached and with every candidate setting of ``method`` (``None``: DeepCache for U-Nets, the first-block cache
     for transformers; ``"all"``: every method the network supports) and returns the cheapest whose latents stay
     within ``target_error`` (mean per-sample relative error, held to its bootstrap 90th percentile)."""
-    from fewstep.pipelines import denoising_network
-
     target = check_target(target_error)
     net = denoising_network(pipe)
     adapter = adapter_of(net)

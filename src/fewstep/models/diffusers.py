@@ -9,11 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fewstep.models.adapter import ModelDenoiser
 from fewstep.models.families import family_of
 from fewstep.models.scheduler_config import native_time_from_config, schedule_from_config
 
-__all__ = ["from_diffusers", "schedule_from_config"]
+__all__ = ["denoising_network", "from_diffusers", "network_name", "schedule_from_config"]
 
 def load_json(path: Path) -> dict[str, Any]:
     """A JSON file holding an object (a config, a model card) as a dict; a one-line ``ValueError`` naming the file
@@ -228,3 +230,16 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
     den.shift_size = shift_size
     den.scheduler_config = config  # kept so diffusers' schedulers can be run as peers on the same model
     return den
+
+
+def network_name(pipe: Any) -> str:
+    """The name of a pipeline's denoising network component (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+
+
+def denoising_network(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoising network (``unet`` or ``transformer``)."""
+    return getattr(pipe, network_name(pipe))

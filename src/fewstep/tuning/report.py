@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.bench.report import mosaic
-from fewstep.outputs import atomic_write
+from fewstep.outputs import atomic_write, mosaic
 from fewstep.schedules import NoiseSchedule
 from fewstep.tuning.rows import TUNED
 

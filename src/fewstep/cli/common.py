@@ -1,0 +1,128 @@
+"""What the commands share: argument types (each a one-line error), the parser that prints one-line errors, and
+the checks of ``--option``, ``--label`` and a plan's device."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, NoReturn
+
+import torch
+
+from fewstep.grids import MAX_STEPS
+from fewstep.noise import parse_seeds
+from fewstep.plan import Plan
+from fewstep.quant import SCHEMES
+from fewstep.spec import parse_options
+
+__all__ = ["Parser", "Subparsers", "class_labels", "device", "int_list", "options", "plan_device", "positive_int",
+           "scheme_list", "seed_spec", "seeds", "step_count", "step_list"]
+
+Subparsers = argparse._SubParsersAction  # what each command's add_parser adds its parser to
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where help is, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
+def int_list(text: str, *, most: int | None = None) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if most is not None and max(values) > most:
+        raise argparse.ArgumentTypeError(f"at most {most:,}, got {max(values):,}")
+    return values
+
+
+def step_list(text: str) -> list[int]:
+    return int_list(text, most=MAX_STEPS)
+
+
+def step_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_STEPS:,} steps, got {value:,}")
+    return value
+
+
+def device(text: str) -> str:
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here")
+    if parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seeds(text: str) -> list[int]:
+    try:
+        return parse_seeds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def seed_spec(text: str) -> str:
+    """A seed range kept as written (it names the noise in the results database), validated."""
+    seeds(text)
+    return text
+
+
+def scheme_list() -> str:
+    """The quantization schemes, for help texts."""
+    return ", ".join(SCHEMES) + " (wNaM and fp:eXmY take any widths)"
+
+
+def options(items: list[str] | None) -> dict[str, object]:
+    """``["eta=1", "variant=bh1"]`` -> ``{"eta": 1, "variant": "bh1"}`` (values parsed as JSON when they can be)."""
+    return parse_options(items or [])
+
+
+def plan_device(plan: Plan) -> None:
+    """A plan's device, checked as ``--device`` is (a CUDA device where there is none is refused)."""
+    try:
+        device(plan.device)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"device {err}") from None
+
+
+def class_labels(den: Any, label: str | None, n: int) -> dict[str, torch.Tensor] | None:
+    """``cond`` for ``--label``: an int in the model's class range, or ``cycle``; refused on other models."""
+    if label is None:
+        return None
+    default = getattr(den, "default_cond", {}) or {}
+    config = getattr(getattr(den, "model", None), "config", {})
+    if "class_labels" in default:
+        classes = int(default["class_labels"])  # a DiT's null label sits at index num_classes
+    elif getattr(config, "num_class_embeds", None):
+        classes = int(config.num_class_embeds)  # a class-conditional UNet2DModel: no null label
+    else:
+        raise ValueError("--label needs a class-conditional model (e.g. dit_s); this one takes no class labels")
+    if label == "cycle":
+        return {"class_labels": torch.arange(n) % classes}
+    try:
+        values = parse_seeds(label)
+    except ValueError:
+        raise ValueError(f"--label must be an integer class, a list or range of them, or 'cycle', got {label!r}") \
+            from None
+    bad = [v for v in values if not 0 <= v < classes]
+    if bad:
+        raise ValueError(f"--label {bad[0]} is out of range: this model has classes 0-{classes - 1}")
+    return {"class_labels": torch.tensor(values)[torch.arange(n) % len(values)]}
