@@ -102,3 +102,31 @@ def test_the_fd_of_a_folder_is_the_fd_of_its_samples(tmp_path, sampler):
     feats = np.concatenate([fd.features(torch.from_numpy(x)) for _, x in read_shards(tmp_path / "out")])
     at_once = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), fd.mu_b, fd.cov_b)
     assert n == 70 and streamed == pytest.approx(at_once, rel=1e-9)
+
+
+def test_a_manifest_being_written_by_another_rank_is_awaited_not_refused(tmp_path):
+    """Under torchrun one rank may see the folder while another is writing the manifest: the folder then holds
+    only the manifest's temporary file, which is no foreign content (this refused the run, "not a shard folder")."""
+    import threading
+    import time
+
+    from fewstep.shards import MANIFEST
+
+    folder = ShardFolder(tmp_path / "out", list(range(4)), 2, {"plan": "a"})
+    (tmp_path / "out").mkdir()
+    temp = tmp_path / "out" / f".{MANIFEST}.x1y2.tmp"
+    temp.write_text("")
+
+    def other_rank():
+        time.sleep(0.3)
+        (tmp_path / "out" / MANIFEST).write_text(json.dumps(folder.manifest()) + "\n")
+        temp.unlink()
+
+    writer = threading.Thread(target=other_rank)
+    writer.start()
+    try:
+        assert folder.prepare() == 0
+    finally:
+        writer.join()
+    with pytest.raises(ValueError, match="holds the shards of another run"):
+        ShardFolder(tmp_path / "out", list(range(4)), 2, {"plan": "b"}).prepare()

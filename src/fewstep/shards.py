@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class ShardFolder:
         Returns the number of shards already done. Every process may call it: the manifest is the same."""
         want = self.manifest()
         existing = self.folder / MANIFEST
+        self._await_manifest(existing)
         if existing.is_file():
             try:
                 have = json.loads(existing.read_text())
@@ -88,6 +90,16 @@ class ShardFolder:
             text = json.dumps(want) + "\n"
             atomic_write(existing, lambda f: f.write(text.encode()))
         return sum(self.done(i) for i in range(self.count))
+
+    def _await_manifest(self, existing: Path, *, timeout: float = 10.0) -> None:
+        """Wait while another process of the same run is writing the manifest: the folder then holds only the
+        manifest's temporary file (``atomic_write``'s ``.manifest.json.*.tmp``), and is not a foreign folder."""
+        deadline = time.monotonic() + timeout
+        while not existing.is_file() and self.folder.is_dir() and time.monotonic() < deadline:
+            names = [p.name for p in self.folder.iterdir()]
+            if not names or not all(n.startswith(f".{MANIFEST}.") and n.endswith(".tmp") for n in names):
+                return
+            time.sleep(0.05)
 
     def done(self, index: int) -> bool:
         """Whether shard ``index`` is written whole (its file loads and holds its seeds)."""
