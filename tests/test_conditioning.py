@@ -62,3 +62,22 @@ def test_a_labelled_row_samples_and_is_measured_under_its_labels(tmp_path):
     peer, peer_out = run_experiment(Experiment("dit_s", "DDIM", 20, seeds="0-3", backend="diffusers", labels="3"), ctx)
     assert peer["nfe"] == 20 and peer["error"] == pytest.approx(rmse(peer_out, labelled))
     assert peer["error"] < 0.5 * rmse(peer_out, unlabelled)
+
+
+def test_bench_label_runs_labelled_rows_and_refuses_bad_labels_before_any_work(tmp_path, capsys):
+    from fewstep.cli import main
+
+    db = tmp_path / "runs.sqlite"
+    base = ["bench", "--models", "dit_s", "--solvers", "ddim", "--steps", "3", "--seeds", "0-3", "--db", str(db)]
+    assert main([*base, "--label", "3"]) == 0, capsys.readouterr().err
+    assert [r["label"] for r in ResultStore(db).rows()] == ["ddim [labels=3]"]
+    for argv, message in ((["--label", "99"], "--label 99 is out of range: this model has classes 0-9 (dit_s)"),
+                          (["--label", "seven"], "--label must be an integer class"),
+                          (["--models", "unet_s", "--label", "3"], "--label needs a class-conditional model")):
+        other = tmp_path / "other.sqlite"
+        args = [*base[:-1], str(other), *argv]
+        if "--models" in argv:
+            args = ["bench", "--solvers", "ddim", "--steps", "3", "--seeds", "0-3", "--db", str(other), *argv]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and not other.exists()

@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep.caching import enable_cache, parse_cache
+from fewstep.caching.pipeline import PipelineCache
 from fewstep.models.diffusers import denoising_network, network_name
 from fewstep.outputs import atomic_write, save_grid
 from fewstep.plan import Plan
 from fewstep.scheduler import FewstepScheduler
 
-__all__ = ["DTYPES", "check_pipeline_scheme", "denoising_network", "generate", "load_pipeline", "quantize_pipeline",
-           "save_generated", "use_fewstep", "use_plan"]
+__all__ = ["DTYPES", "cache_pipeline", "check_pipeline_scheme", "denoising_network", "generate", "load_pipeline",
+           "quantize_pipeline", "save_generated", "use_fewstep", "use_plan"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -119,6 +121,24 @@ def quantize_pipeline(pipe: Any, scheme: str) -> Any:
     quantized = quantize(from_diffusers(getattr(pipe, name), pipe.scheduler), scheme)
     setattr(pipe, name, quantized.model)
     return quantized.quant
+
+
+def cache_pipeline(pipe: Any, spec: str, *, prompt: str, steps: int, negative_prompt: str | None = None,
+                   guidance: float | None = None, height: int | None = None,
+                   width: int | None = None) -> PipelineCache | None:
+    """Put the feature cache ``spec`` on the pipeline's network (:func:`fewstep.enable_cache`) for calls like
+    :func:`generate`'s with these arguments; ``None`` for no cache. The knobs are checked against the network before
+    any sampling; ``auto`` and ``magcache`` run the pipeline on their calibration seeds (1000-1003) first, never the
+    caller's seeds, with its progress bar off."""
+    if parse_cache(spec).is_none:
+        return None
+    call: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps}
+    for key, value in (("negative_prompt", negative_prompt), ("guidance_scale", guidance), ("height", height),
+                       ("width", width)):
+        if value is not None:
+            call[key] = value
+    pipe.set_progress_bar_config(disable=True)
+    return enable_cache(pipe, spec, **call)
 
 
 def generate(pipe: Any, prompt: str, *, seeds: Sequence[int], steps: int, negative_prompt: str | None = None,

@@ -14,8 +14,9 @@ from fewstep.bench import ResultStore, run_sweep, sweep, write_report
 from fewstep.bench.peers import PEERS
 from fewstep.bench.runner import diffusers_cache
 from fewstep.bench.store import DEFAULT_DB
-from fewstep.caching import check_cache_spec
+from fewstep.caching import check_cache_spec, parse_cache
 from fewstep.cli.common import Subparsers, device, plan_device, scheme_list, seed_spec, step_list
+from fewstep.conditioning import Labels
 from fewstep.distributed import world
 from fewstep.grids import GRIDS
 from fewstep.outputs import check_output_dir
@@ -62,6 +63,11 @@ def add_parser(sub: Subparsers) -> None:
                             "reference stays the float32 CPU one; --plans run as their plan says)")
     bench.add_argument("--device", type=device, default="cpu",
                        help="torch device of the network, the noise and the state (cpu; cuda, cuda:1, ...)")
+    bench.add_argument("--label", default=None,
+                       help="class-conditional models (dit_s): the labels of the seeds, for every row, its reference "
+                            "and diffusers' rows (an int, a list or range such as 0-4 cycled over the seeds, or cycle "
+                            "for all classes in turn); another labelling is another experiment, labelled e.g. "
+                            "'ddim [labels=3]' (default: the model's own default conditioning)")
     bench.add_argument("--db", default=str(DEFAULT_DB), help="results database (fewstep-results.sqlite)")
     bench.add_argument("--force", action="store_true", help="rerun experiments already in the database")
     bench.add_argument("--report", default=None, help="write the report to this folder afterwards")
@@ -80,7 +86,7 @@ def bench_plans(paths: list[str]) -> dict[str, Plan]:
             plan = plans[name] = Plan.load(path)
             zoo.model_path(plan.model)
             plan_device(plan)
-            if plan.cache and plan.cache != "none":
+            if not parse_cache(plan.cache).is_none:
                 check_cache_spec(zoo.load(plan.model), plan.cache)
         except (TypeError, ValueError) as err:
             raise ValueError(f"--plans {path}: {err}") from None
@@ -90,7 +96,7 @@ def bench_plans(paths: list[str]) -> dict[str, Plan]:
 def check_caches(models: list[str], caches: list[str]) -> None:
     """Every cache spec against every model, before any experiment runs (diffusers' hooks are installed on the
     network and removed again to see that they apply)."""
-    specs = [c for c in caches if c and c != "none"]
+    specs = [c for c in caches if c.startswith("diffusers:") or not parse_cache(c).is_none]
     for model in models if specs else []:
         den = zoo.load(model)
         for spec in specs:
@@ -111,10 +117,17 @@ def run(args: argparse.Namespace) -> int:
     for s in args.solvers:
         name, opts = parse_spec(s)
         make_solver(name, **opts)
+    labels = Labels.of(args.label, what="--label")
     plans = bench_plans(args.plans)
     exps = sweep(args.models, args.solvers, args.steps, grid=args.grid, seeds=args.seeds,
                  with_diffusers=args.with_diffusers, peers=args.diffusers, caches=args.cache, plans=plans,
-                 dtype=args.dtype, device=args.device, quants=args.quant)
+                 dtype=args.dtype, device=args.device, quants=args.quant, labels=args.label or "")
+    if labels is not None:  # every model (plans' too) is class-conditional with these classes, before any work
+        for model in dict.fromkeys(e.model for e in exps):
+            try:
+                labels.check(zoo.load(model))
+            except ValueError as err:
+                raise ValueError(f"{err} ({model})") from None
     check_caches(args.models, args.cache)
     where = torch.device(args.device)
     # under torchrun, as in fewstep sample: 'cuda' is each process's own GPU

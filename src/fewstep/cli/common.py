@@ -8,7 +8,9 @@ from typing import Any, NoReturn
 
 import torch
 
+from fewstep.conditioning import Labels
 from fewstep.grids import MAX_STEPS
+from fewstep.models.base import Cond
 from fewstep.noise import parse_seeds
 from fewstep.plan import Plan
 from fewstep.quant import SCHEMES
@@ -103,26 +105,8 @@ def plan_device(plan: Plan) -> None:
         raise ValueError(f"device {err}") from None
 
 
-def class_labels(den: Any, label: str | None, n: int) -> dict[str, torch.Tensor] | None:
-    """``cond`` for ``--label``: an int in the model's class range, or ``cycle``; refused on other models."""
-    if label is None:
-        return None
-    default = getattr(den, "default_cond", {}) or {}
-    config = getattr(getattr(den, "model", None), "config", {})
-    if "class_labels" in default:
-        classes = int(default["class_labels"])  # a DiT's null label sits at index num_classes
-    elif getattr(config, "num_class_embeds", None):
-        classes = int(config.num_class_embeds)  # a class-conditional UNet2DModel: no null label
-    else:
-        raise ValueError("--label needs a class-conditional model (e.g. dit_s); this one takes no class labels")
-    if label == "cycle":
-        return {"class_labels": torch.arange(n) % classes}
-    try:
-        values = parse_seeds(label)
-    except ValueError:
-        raise ValueError(f"--label must be an integer class, a list or range of them, or 'cycle', got {label!r}") \
-            from None
-    bad = [v for v in values if not 0 <= v < classes]
-    if bad:
-        raise ValueError(f"--label {bad[0]} is out of range: this model has classes 0-{classes - 1}")
-    return {"class_labels": torch.tensor(values)[torch.arange(n) % len(values)]}
+def class_labels(den: Any, label: str | None, n: int, *, what: str = "--label") -> Cond:
+    """``cond`` for ``--label`` (:class:`fewstep.conditioning.Labels`: an int in the model's class range, a list or
+    range of them, or ``cycle``; refused on other models); ``None`` without one."""
+    source = Labels.of(label, what=what)
+    return None if source is None else source.cond(den, n)

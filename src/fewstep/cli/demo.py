@@ -14,11 +14,11 @@ from fewstep.grids import GRIDS, make_grid
 from fewstep.noise import parse_seeds
 from fewstep.sample import sample
 from fewstep.schedules import EDM, DiscreteVP, LinearVP
-from fewstep.solvers import make_solver
+from fewstep.solvers import SOLVERS, make_solver
 from fewstep.zoo import AnalyticDenoiser, gaussian_mixture
 
-DEMO_SOLVERS = ["ddim", "euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "dpmpp_3m_compat",
-                "unipc", "deis", "ipndm"]
+DEMO_SOLVERS = [name for name in SOLVERS if not make_solver(name).stochastic]
+"""Every deterministic solver of the registry (a stochastic one has no single exact end point to compare with)."""
 
 
 def add_parser(sub: Subparsers) -> None:

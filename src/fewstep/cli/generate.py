@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fewstep.caching import enable_cache, parse_cache
+from fewstep.caching import parse_cache
 from fewstep.cli.common import (
     Subparsers,
     device,
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # diffusers: imported only when a command needs it
     from fewstep.pipelines import (
         DTYPES,
+        cache_pipeline,
         check_pipeline_scheme,
         generate,
         load_pipeline,
@@ -130,17 +131,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipeline, torch_dtype=DTYPES[dtype], device=device_name)
     info = quantize_pipeline(pipe, quant) if quant else None  # before the cache, which hooks the network in place
     scheduler = use_fewstep(pipe, solver, grid, **knobs) if plan is None else use_plan(pipe, plan)
-    handle = None
-    if cache != "none":
-        call = {"prompt": args.prompt, "num_inference_steps": steps}
-        for key, value in (("negative_prompt", args.negative_prompt), ("guidance_scale", guidance),
-                           ("height", args.height), ("width", args.width)):
-            if value is not None:
-                call[key] = value
-        pipe.set_progress_bar_config(disable=True)
-        # knobs are checked against the network before any sampling; auto and magcache run the pipeline on the
-        # calibration seeds 1000-1003 first (never the output seeds)
-        handle = enable_cache(pipe, cache, **call)
+    handle = cache_pipeline(pipe, cache, prompt=args.prompt, steps=steps, negative_prompt=args.negative_prompt,
+                            guidance=guidance, height=args.height, width=args.width)
     x, calls = generate(pipe, args.prompt, seeds=args.seeds, steps=steps, negative_prompt=args.negative_prompt,
                         guidance=guidance, height=args.height, width=args.width,
                         latents=out.suffix == ".npz", progress=not args.quiet)

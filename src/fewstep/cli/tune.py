@@ -84,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
     den = zoo.load(args.model)
     place(den, torch.device(args.device), DTYPES[args.dtype])
     shape = den.sample_shape
-    hold_label = args.holdout_label if args.holdout_label is not None else args.label
     cond = class_labels(den, args.label, len(args.seeds))
-    hold_cond = class_labels(den, hold_label, len(args.holdout))
+    if args.holdout_label is None:
+        hold_cond = class_labels(den, args.label, len(args.holdout))
+    else:
+        hold_cond = class_labels(den, args.holdout_label, len(args.holdout), what="--holdout-label")
     if args.guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
         raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as dit_s)")
     fd = digits_fd(den) if len(args.holdout) > 64 else None  # FD needs more samples than its 64 features
