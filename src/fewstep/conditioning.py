@@ -1,23 +1,30 @@
 """Conditioning sources: what a run conditions on, as one object that gives the conditioning for a list of seeds
 and its own fingerprint for a store.
 
-A source is parsed once, at the edge (a ``--label`` flag, an experiment's ``labels`` field), and checked against
-the model before anything runs. Today there is one kind, :class:`Labels` (class labels of a class-conditional
-model: a DiT, or a U-Net with class embeddings); ``None`` is the model's own default conditioning (a DiT's null
-label). The negative conditioning of guidance is the model's default null condition
-(:class:`~fewstep.models.ClassifierFreeGuidance`).
+A source is parsed once, at the edge (a ``--label`` or ``--prompts`` flag, an experiment's ``labels`` field), and
+checked against the model before anything runs. :class:`Labels`: class labels of a class-conditional model (a DiT,
+or a U-Net with class embeddings), whose negative for guidance is the model's default null condition.
+:class:`Prompts`: text prompts of a text-to-image pipeline, encoded by the pipeline's own encoders (once per prompt
+and encoder), with the negative prompt's conditioning for guidance. ``None`` is the model's own default
+conditioning (a DiT's null label).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from fewstep.models.base import Cond, Denoiser
 from fewstep.noise import parse_seeds
 
-__all__ = ["Labels", "class_count"]
+__all__ = ["Labels", "Prompts", "class_count", "detached"]
 
 
 def class_count(den: Denoiser, *, what: str = "labels") -> int:
@@ -82,3 +89,106 @@ class Labels:
     def of(cls, spec: str | None, *, what: str = "labels") -> Labels | None:
         """The source of an optional spec: ``None`` or ``""`` is the model's default conditioning."""
         return None if spec is None or spec == "" else cls(spec, what)
+
+
+def detached(cond: Cond) -> Cond:
+    """``cond`` with every tensor (in nested mappings too) detached from its autograd graph: embeddings computed
+    with gradients on (``pipe.encode_prompt`` outside ``no_grad``) would otherwise tie every run to the text
+    encoder's graph, and a differentiable run would backward through it twice."""
+    if isinstance(cond, torch.Tensor):
+        return cond.detach()
+    if isinstance(cond, Mapping):
+        return {k: detached(v) for k, v in cond.items()}
+    return cond
+
+
+# encoded prompts, by text encoder (dropped with it) and by prompt text
+_ENCODED: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Text prompts for the seeds of a run, cycled over them as :class:`Labels` are, and a negative prompt (``""``:
+    the empty prompt, the unconditional branch of classifier-free guidance).
+
+    :meth:`cond` and :meth:`negative` encode with the pipeline's own ``encode_prompt`` under ``no_grad``, once per
+    prompt text and text encoder. Pipelines whose ``encode_prompt`` returns the prompt embeddings and the negative
+    ones (Stable Diffusion 1.x/2.x: ``encoder_hidden_states``) are encoded; other families are refused in one line
+    (pass their embeddings as ``cond`` instead). ``what`` names the source in errors (``"--prompts"``)."""
+
+    texts: tuple[str, ...]
+    negative: str = ""
+    what: str = "prompts"
+
+    def __post_init__(self) -> None:
+        texts = (self.texts,) if isinstance(self.texts, str) else tuple(self.texts)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"{self.what} must be one or more non-empty prompts, got {list(texts)!r}")
+        if not isinstance(self.negative, str):
+            raise ValueError(f"the negative prompt must be a string, got {self.negative!r}")
+        object.__setattr__(self, "texts", tuple(t.strip() for t in texts))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, negative: str = "", what: str = "--prompts") -> Prompts:
+        """One prompt per line of a text file (blank lines skipped); a missing or empty file is a one-line error."""
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"{what} {file}: no such file")
+        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(f"{what} {file}: the file holds no prompt (one per line)")
+        return cls(tuple(texts), negative, what)
+
+    @property
+    def fingerprint(self) -> str:
+        """What the conditioning depends on, for a store's keys: a digest of the prompts and the negative prompt."""
+        digest = hashlib.sha256("\n".join([*self.texts, "", self.negative]).encode()).hexdigest()[:16]
+        return f"prompts={digest}"
+
+    def check(self, pipe: Any) -> None:
+        """A one-line error unless ``pipe`` encodes prompts the way :meth:`cond` reads them, and every prompt fits
+        its tokenizer (a longer one would be truncated silently)."""
+        tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
+        if tokenizer is None or encoder is None or not hasattr(pipe, "encode_prompt"):
+            raise ValueError(f"{self.what} need a text-to-image pipeline with a tokenizer and a text encoder; "
+                             f"{type(pipe).__name__} has none")
+        if _has_extra_encoders(pipe):
+            raise ValueError(f"{self.what}: encoding prompts for {type(pipe).__name__} is not supported yet (Stable "
+                             f"Diffusion 1.x/2.x pipelines are); pass its embeddings as cond instead")
+        limit = int(tokenizer.model_max_length)
+        for text in (*self.texts, self.negative):
+            count = len(tokenizer(text).input_ids)
+            if count > limit:
+                raise ValueError(f"{self.what}: {text!r} is {count} tokens, more than the tokenizer's {limit}: it "
+                                 f"would be truncated; shorten it")
+
+    def _encoded(self, pipe: Any, text: str) -> torch.Tensor:
+        cache = _ENCODED.setdefault(pipe.text_encoder, {})
+        if text not in cache:
+            with torch.no_grad():
+                emb, _ = pipe.encode_prompt(text, pipe.text_encoder.device, 1, False)
+            cache[text] = emb.detach()
+        return cache[text]
+
+    def cond(self, pipe: Any, n: int) -> Cond:
+        """``{"encoder_hidden_states": ...}`` for ``n`` seeds, prompt ``k % len(texts)`` for seed ``k``."""
+        self.check(pipe)
+        embs = [self._encoded(pipe, self.texts[k % len(self.texts)]) for k in range(n)]
+        return {"encoder_hidden_states": torch.cat(embs)}
+
+    def negative_cond(self, pipe: Any) -> Cond:
+        """The negative prompt's conditioning (batch 1, broadcast over the seeds): guidance's unconditional branch."""
+        self.check(pipe)
+        return {"encoder_hidden_states": self._encoded(pipe, self.negative)}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, n: int) -> Sequence[str]:
+        """The prompts of the first ``n`` seeds."""
+        return [self.texts[k % len(self.texts)] for k in range(n)]
+
+
+def _has_extra_encoders(pipe: Any) -> bool:
+    """Whether the pipeline has encoders beyond one CLIP text encoder (SDXL, SD3, Flux: pooled embeddings and more)."""
+    return any(getattr(pipe, name, None) is not None for name in ("text_encoder_2", "text_encoder_3"))

@@ -141,7 +141,8 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
     ``SanaTransformer2DModel``); any other class is refused.
 
     Args:
-        model: a diffusers model instance, or a local folder: a pipeline folder (with ``unet/`` or
+        model: a diffusers model instance, a loaded pipeline (its ``unet`` or ``transformer``, with its own
+            scheduler unless another is given), or a local folder: a pipeline folder (with ``unet/`` or
             ``transformer/`` and ``scheduler/``) or a model folder (``config.json`` + ``.safetensors`` weights; pickled
             ``.bin`` checkpoints are refused). Loaded with ``local_files_only=True``; nothing is downloaded.
         scheduler_or_config: a diffusers scheduler, its ``.config``, a dict, or a path to a
@@ -196,6 +197,10 @@ def from_diffusers(model: Any, scheduler_or_config: Any = None, *, variant: str 
         model = _load_safetensors_model(model_cls, model_dir, variant=variant, torch_dtype=torch_dtype)
     elif variant is not None or subfolder is not None:
         raise ValueError("variant= and subfolder= choose files in a model folder; this model is already loaded")
+    elif not isinstance(model, torch.nn.Module) and hasattr(model, "scheduler"):  # a loaded pipeline
+        if scheduler_or_config is None:
+            scheduler_or_config = model.scheduler
+        model = denoising_network(model)
     family = family_of(model)
     if torch_dtype is not None and model_dir is None:  # a folder was loaded in torch_dtype already
         _cast_floating(model, torch_dtype)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fewstep.bench.peers import DETERMINISTIC_PEERS, applicable, run_diffusers
+from fewstep.conditioning import detached
 from fewstep.differentiable import DIFFERENTIABLE
 from fewstep.grids import DEFAULT_GRID, GRIDS, make_grid
 from fewstep.models import ClassifierFreeGuidance, ModelDenoiser
@@ -108,10 +109,10 @@ def steps_for(solver: Solver, nfe: int) -> int | None:
     return None
 
 
-def peer_net(den: Denoiser, cond: Cond, guidance: float | None) -> Any:
+def peer_net(den: Denoiser, cond: Cond, guidance: float | None, uncond: Cond = None) -> Any:
     """The network as diffusers' schedulers call it, ``net(x, timestep) -> prediction``, with ``cond`` bound and
-    classifier-free guidance applied to the prediction (affine in it, so this is the same guidance as fewstep's
-    on ``x0_hat``)."""
+    classifier-free guidance applied to the prediction against ``uncond`` (the model's default null condition when
+    ``None``; affine in the prediction, so this is the same guidance as fewstep's on ``x0_hat``)."""
     if not isinstance(den, ModelDenoiser):
         raise ValueError("diffusers' schedulers need a network with a scheduler config (a ModelDenoiser)")
 
@@ -120,8 +121,8 @@ def peer_net(den: Denoiser, cond: Cond, guidance: float | None) -> Any:
         out = den.network(x, native, cond)
         if guidance is None:
             return out
-        uncond = den.network(x, native, None)
-        return uncond + guidance * (out - uncond)
+        negative = den.network(x, native, uncond)
+        return negative + guidance * (out - negative)
 
     return net
 
@@ -134,7 +135,7 @@ class Tune:
 
     def __init__(self, den: Denoiser, model: str, *, solvers: Sequence[str], shape: Sequence[int],
                  seeds: Sequence[int], holdout: Sequence[int], cond: Cond, holdout_cond: Cond,
-                 guidance: float | None, candidates: int, fixed: Sequence[str], compare: Sequence[str],
+                 guidance: float | None, uncond: Cond, candidates: int, fixed: Sequence[str], compare: Sequence[str],
                  decouple: bool, iterations: int, minutes: float | None, diffusers: bool, dtype: str, device: str,
                  fd: Any, store: TuneStore | None, teachers: dict[str, Any] | None) -> None:
         net_dtype, where = placement(dtype, device)
@@ -142,9 +143,13 @@ class Tune:
         self.started = time.perf_counter()
         self.deadline = None if minutes is None else self.started + 60.0 * minutes
         self.den, self.model, self.solvers, self.shape = den, model, list(solvers), tuple(shape)
-        self.net: Denoiser = den if guidance is None else ClassifierFreeGuidance(den, float(guidance))
+        # conditioning with an autograd graph (embeddings encoded outside no_grad) is detached: runs never reach it
+        cond, holdout_cond, uncond = detached(cond), detached(holdout_cond), detached(uncond)
+        if uncond is not None and guidance is None:
+            raise ValueError("uncond= is the negative conditioning of guidance: give guidance= too")
+        self.net: Denoiser = den if guidance is None else ClassifierFreeGuidance(den, float(guidance), uncond=uncond)
         self.seeds, self.holdout = list(seeds), list(holdout)
-        self.cond, self.holdout_cond, self.guidance = cond, holdout_cond, guidance
+        self.cond, self.holdout_cond, self.guidance, self.uncond = cond, holdout_cond, guidance, uncond
         self.fixed, self.compare, self.decouple, self.iterations = list(fixed), list(compare), decouple, iterations
         self.diffusers, self.dtype, self.device, self.fd, self.store = diffusers, dtype, device, fd, store
         self.n_candidates = candidates
@@ -155,6 +160,8 @@ class Tune:
         for knob, value, default in (("dtype", dtype, "float32"), ("device", device, "cpu")):
             if value != default:  # float32 on the CPU keeps the keys of tune stores made before these knobs existed
                 context[knob] = value
+        if uncond is not None:  # likewise: guidance against the model's own null condition keeps its keys
+            context["uncond"] = uncond
         self.key = fingerprint(context)
         self.teacher_seconds = self._teachers({} if teachers is None else teachers)
         self.samples: dict[str, torch.Tensor] = {}
@@ -276,7 +283,7 @@ class Tune:
         """diffusers' deterministic schedulers (``timestep_spacing="trailing"``, pinned settings of
         :data:`fewstep.bench.peers.PEERS`) at exactly ``nfe`` counted evaluations on the held-out noise."""
         config = json.loads(json.dumps(dict(self.den.scheduler_config)))  # type: ignore[attr-defined]
-        net = peer_net(self.den, self.holdout_cond, self.guidance)
+        net = peer_net(self.den, self.holdout_cond, self.guidance, self.uncond)
         rows = []
         for label in applicable(config):
             if label not in DIFFUSERS_PEERS:
@@ -303,7 +310,8 @@ class Tune:
             else:
                 row = Row.from_dict(data)
                 # the report's samples: the first 8 held-out seeds, with their conditioning
-                head = peer_net(self.den, cut_cond(self.holdout_cond, self.x_hold.shape[0], 0, 8), self.guidance)
+                head = peer_net(self.den, cut_cond(self.holdout_cond, self.x_hold.shape[0], 0, 8), self.guidance,
+                                self.uncond)
                 out, _ = run_diffusers(label, head, config, self.x_hold[:8], nfe if label != "Heun" else (nfe + 1) // 2)
                 self.samples[row.label] = out.cpu()
             rows.append(row)
@@ -359,7 +367,8 @@ class Tune:
 def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = DEFAULT_SOLVERS,
          shape: Sequence[int], seeds: Sequence[int] = tuple(range(1000, 1032)),
          holdout: Sequence[int] = tuple(range(2000, 2064)), cond: Cond = None, holdout_cond: Cond = None,
-         guidance: float | None = None, candidates: int = 40, fixed: Sequence[str] = FIXED_GRIDS,
+         guidance: float | None = None, uncond: Cond = None, candidates: int = 40,
+         fixed: Sequence[str] = FIXED_GRIDS,
          compare: Sequence[str] = (), decouple: bool = True, iterations: int = 150, minutes: float | None = None,
          diffusers: bool = True, dtype: str = "float32", device: str = "cpu",
          fd: Any = None, store: TuneStore | None = None, teachers: dict[str, Any] | None = None) -> Tuned:
@@ -377,7 +386,9 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = DEFAUL
     giving the FD of held-out samples. :func:`~fewstep.tuning.rows.choose` picks the plan: a tuned grid that loses to
     a fixed one on held-out data gives way to it.
 
-    ``guidance``: classifier-free guidance scale (the model's default null condition is the negative one).
+    ``guidance``: classifier-free guidance scale; ``uncond``: its negative conditioning (a negative or empty
+    prompt's embeddings, :meth:`fewstep.conditioning.Prompts.negative_cond`; default: the model's own null
+    condition). Conditioning that carries an autograd graph is detached first.
     ``minutes``: the search's time budget for this NFE (refinements stop early; teacher solves not counted).
     ``dtype``, ``device``: where the runs go, as :attr:`fewstep.plan.Plan.dtype` says (the network in ``dtype`` on
     ``device``, where ``den``'s must already be: :func:`fewstep.plan.place`; the teacher, the noise and every state
@@ -386,6 +397,6 @@ def tune(den: Denoiser, model: str, nfe: int, *, solvers: Sequence[str] = DEFAUL
     interrupted tune resumes). ``teachers``: a dict kept across calls, the same in memory.
     """
     return Tune(den, model, solvers=solvers, shape=shape, seeds=seeds, holdout=holdout, cond=cond,
-                holdout_cond=holdout_cond, guidance=guidance, candidates=candidates, fixed=fixed, compare=compare,
-                decouple=decouple, iterations=iterations, minutes=minutes, diffusers=diffusers, dtype=dtype,
-                device=device, fd=fd, store=store, teachers=teachers).at(nfe)
+                holdout_cond=holdout_cond, guidance=guidance, uncond=uncond, candidates=candidates, fixed=fixed,
+                compare=compare, decouple=decouple, iterations=iterations, minutes=minutes, diffusers=diffusers,
+                dtype=dtype, device=device, fd=fd, store=store, teachers=teachers).at(nfe)
