@@ -25,8 +25,8 @@ from fewstep.outputs import atomic_write, save_grid
 from fewstep.plan import Plan
 from fewstep.scheduler import FewstepScheduler
 
-__all__ = ["DTYPES", "cache_pipeline", "check_pipeline_scheme", "denoising_network", "generate", "load_pipeline",
-           "quantize_pipeline", "save_generated", "use_fewstep", "use_plan"]
+__all__ = ["DTYPES", "cache_pipeline", "check_pipeline_scheme", "decode", "denoising_network", "generate",
+           "load_pipeline", "quantize_pipeline", "save_generated", "use_fewstep", "use_plan"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -139,6 +139,18 @@ def cache_pipeline(pipe: Any, spec: str, *, prompt: str, steps: int, negative_pr
             call[key] = value
     pipe.set_progress_bar_config(disable=True)
     return enable_cache(pipe, spec, **call)
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The pipeline's VAE decoding of ``latents`` (a sampler's end point, in the VAE's scaled latent space), as
+    images in [-1, 1] on the CPU (what :func:`fewstep.outputs.mosaic` draws)."""
+    vae = pipe.vae
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    param = next(vae.parameters())
+    with torch.no_grad():
+        images = vae.decode((latents.to(param.device, param.dtype) / scale) + shift, return_dict=False)[0]
+    return images.float().clamp(-1, 1).cpu()
 
 
 def generate(pipe: Any, prompt: str, *, seeds: Sequence[int], steps: int, negative_prompt: str | None = None,

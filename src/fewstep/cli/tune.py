@@ -10,7 +10,9 @@ import torch
 
 from fewstep import zoo
 from fewstep.cli.common import Subparsers, class_labels, device, positive_int, seeds, step_list
+from fewstep.conditioning import Prompts
 from fewstep.metrics import DigitsFD
+from fewstep.models import from_diffusers
 from fewstep.noise import parse_seeds
 from fewstep.outputs import check_output_dir
 from fewstep.plan import DTYPES, place
@@ -42,8 +44,17 @@ def add_parser(sub: Subparsers) -> None:
                      help="class-conditional models: the calibration labels (an int, a list or range such as 0-4, "
                           "cycled over the seeds, or cycle for all classes)")
     tun.add_argument("--holdout-label", default=None, help="the held-out labels, as --label (default: --label's)")
+    tun.add_argument("--prompt", default=None,
+                     help="text-to-image pipeline folders: the prompt of every calibration (and held-out) seed")
+    tun.add_argument("--prompts", default=None, metavar="FILE",
+                     help="text-to-image pipeline folders: calibration prompts, one per line, cycled over the seeds")
+    tun.add_argument("--holdout-prompts", default=None, metavar="FILE",
+                     help="the held-out prompts, one per line (default: the calibration prompts)")
+    tun.add_argument("--negative-prompt", default=None,
+                     help="guidance's negative prompt on a pipeline (default: the empty prompt)")
     tun.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale the plan is tuned for (models with a null label)")
+                     help="classifier-free guidance scale the plan is tuned for (models with a null label, or a "
+                          "pipeline's prompts against the negative prompt)")
     tun.add_argument("--minutes", type=float, default=None, help="search budget per NFE (teacher not counted)")
     tun.add_argument("--iterations", type=positive_int, default=150, help="gradient steps per refinement (150)")
     tun.add_argument("--no-decouple", action="store_true", help="no learned network times (tuned_decoupled rows)")
@@ -75,22 +86,63 @@ def cell(r: Row | None) -> str:
     return f"{r['holdout']:.4f} ({name})"
 
 
+def prompt_sources(args: argparse.Namespace) -> tuple[Prompts | None, Prompts | None]:
+    """``--prompt``/``--prompts`` and ``--holdout-prompts`` as sources (``None, None`` without prompts), the
+    combinations that cannot go together refused before any work."""
+    if args.prompt is not None and args.prompts is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    given = args.prompt is not None or args.prompts is not None
+    if given and (args.label is not None or args.holdout_label is not None):
+        raise ValueError("--prompt/--prompts condition a text-to-image pipeline, --label a class-conditional model; "
+                         "give one")
+    if not given:
+        for flag, value in (("--holdout-prompts", args.holdout_prompts), ("--negative-prompt", args.negative_prompt)):
+            if value is not None:
+                raise ValueError(f"{flag} goes with --prompt or --prompts")
+        return None, None
+    if args.negative_prompt is not None and args.guidance is None:
+        raise ValueError("--negative-prompt is guidance's negative branch: give --guidance too")
+    negative = args.negative_prompt or ""
+    if args.prompts is not None:
+        prompts = Prompts.from_file(args.prompts, negative=negative)
+    else:
+        prompts = Prompts((args.prompt,), negative, "--prompt")
+    held = prompts if args.holdout_prompts is None else Prompts.from_file(args.holdout_prompts, negative=negative,
+                                                                          what="--holdout-prompts")
+    return prompts, held
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(check_output_dir(args.out))  # before any work
     for name in [*args.solvers, *args.compare]:
         make_solver(name)
     if args.minutes is not None and not args.minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-    den = zoo.load(args.model)
+    from fewstep.pipelines import decode, load_pipeline  # diffusers: imported only when a command needs it
+
+    prompts, hold_prompts = prompt_sources(args)
+    pipe, uncond = None, None
+    if prompts is None:
+        den = zoo.load(args.model)
+    else:  # the pipeline's own encoders encode the prompts, before any sampling
+        pipe = load_pipeline(zoo.model_path(args.model))
+        den = from_diffusers(pipe)
+        for source in (prompts, hold_prompts):
+            source.check(pipe)
     place(den, torch.device(args.device), DTYPES[args.dtype])
     shape = den.sample_shape
-    cond = class_labels(den, args.label, len(args.seeds))
-    if args.holdout_label is None:
-        hold_cond = class_labels(den, args.label, len(args.holdout))
+    if pipe is not None and prompts is not None and hold_prompts is not None:
+        cond, hold_cond = prompts.cond(pipe, len(args.seeds)), hold_prompts.cond(pipe, len(args.holdout))
+        uncond = None if args.guidance is None else prompts.negative_cond(pipe)
     else:
-        hold_cond = class_labels(den, args.holdout_label, len(args.holdout), what="--holdout-label")
-    if args.guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
-        raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as dit_s)")
+        cond = class_labels(den, args.label, len(args.seeds))
+        if args.holdout_label is None:
+            hold_cond = class_labels(den, args.label, len(args.holdout))
+        else:
+            hold_cond = class_labels(den, args.holdout_label, len(args.holdout), what="--holdout-label")
+        if args.guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
+            raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as "
+                             "dit_s) or a pipeline's prompts (--prompt, --prompts)")
     fd = digits_fd(den) if len(args.holdout) > 64 else None  # FD needs more samples than its 64 features
     out.mkdir(parents=True, exist_ok=True)
     store = TuneStore(out / "tune.sqlite")
@@ -100,12 +152,15 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|")
     for nfe in args.nfe:
         got = tune(den, args.model, nfe, solvers=args.solvers, shape=shape, seeds=args.seeds, holdout=args.holdout,
-                   cond=cond, holdout_cond=hold_cond, guidance=args.guidance, candidates=args.candidates,
+                   cond=cond, holdout_cond=hold_cond, guidance=args.guidance, uncond=uncond,
+                   candidates=args.candidates,
                    compare=args.compare, decouple=not args.no_decouple, iterations=args.iterations,
                    minutes=args.minutes, diffusers=not args.no_diffusers, dtype=args.dtype, device=args.device, fd=fd,
                    store=store, teachers=teachers)
         path = got.plan.save(out / f"plan_nfe{nfe}.json")
         results.append(got.result())
+        if pipe is not None:  # the report draws the decoded images of the latents
+            got.samples = {label: decode(pipe, x) for label, x in got.samples.items()}
         teacher = got.samples.pop("teacher", None)
         if teacher is not None and "teacher" not in images:
             images["teacher"] = teacher
