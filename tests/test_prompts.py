@@ -127,3 +127,26 @@ def test_cli_refuses_prompts_on_a_model_that_is_no_pipeline(tmp_path, capsys):
 
     assert main(["tune", "--model", "unet_s", "--prompt", "a red 3", "--out", str(tmp_path / "p")]) == 2
     assert "is not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+def test_cli_samples_a_pipeline_on_prompts_as_the_plan_does(pipe, sd_folder, tmp_path, capsys):
+    import numpy as np
+
+    from fewstep.cli import main
+    from fewstep.plan import Plan
+
+    base = ["sample", "--model", str(sd_folder), "--prompt", "a red 3", "--negative-prompt", "blurry", "--guidance",
+            "3", "--steps", "4", "--seeds", "0-1", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "x.npz")]) == 0, capsys.readouterr().err
+    source = Prompts(("a red 3",), negative="blurry")
+    den = fewstep.from_diffusers(pipe)
+    want = Plan(model=str(sd_folder), steps=4, guidance=3.0).build(den, uncond=source.negative_cond(pipe)).sample(
+        seeds=[0, 1], cond=source.cond(pipe, 2))
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "x.npz")["samples"]), want)
+    assert main([*base, "--out", str(tmp_path / "x.png")]) == 0
+    assert "images (decoded by the pipeline's VAE)" in capsys.readouterr().out and (tmp_path / "x.png").is_file()
+    assert main(["sample", "--model", "unet_s", "--prompt", "a red 3", "--out", str(tmp_path / "y.npz")]) == 2
+    assert "is not a diffusers pipeline folder" in capsys.readouterr().err
+    bad = ["sample", "--model", "dit_s", "--prompt", "a red 3", "--label", "3", "--out", str(tmp_path / "y.npz")]
+    assert main(bad) == 2
+    assert "give one" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()

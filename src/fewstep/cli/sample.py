@@ -21,9 +21,11 @@ from fewstep.cli.common import (
     seeds,
     step_count,
 )
+from fewstep.conditioning import Prompts
 from fewstep.distributed import barrier, process_group, world
-from fewstep.grids import GRIDS
+from fewstep.grids import DEFAULT_GRID, GRIDS
 from fewstep.hooks import NFECounter, ProgressBar
+from fewstep.models import from_diffusers
 from fewstep.noise import parse_seeds
 from fewstep.outputs import check_output_dir, check_output_file
 from fewstep.plan import DTYPES, Plan, place
@@ -46,6 +48,16 @@ def add_parser(sub: Subparsers) -> None:
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
     smp.add_argument("--label", default=None, help="class label for class-conditional models (dit_s): an int, or "
                      "'cycle' for 0-9 in turn; default: the model's unconditional label")
+    smp.add_argument("--prompt", default=None,
+                     help="a Stable Diffusion 1.x/2.x pipeline folder (--model): the prompt of every seed, encoded by "
+                          "the pipeline's own text encoder")
+    smp.add_argument("--prompts", default=None, metavar="FILE",
+                     help="pipeline folders: prompts, one per line, cycled over the seeds")
+    smp.add_argument("--negative-prompt", default=None,
+                     help="pipeline folders: guidance's negative prompt (default: the empty prompt)")
+    smp.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale: models with a null label (dit_s), or a pipeline's prompts "
+                          "against the negative prompt (default: none)")
     smp.add_argument("--cache", default=None, help="feature cache: taylorseer:interval=3:order=2, "
                      "deepcache:interval=3, encoder:interval=2 (U-Nets), block:threshold=0.05, magcache:threshold=0.1 "
                      "(transformers), auto:target_error=0.05[:method=all] (calibrated here), none")
@@ -73,11 +85,11 @@ def sample_plan(args: argparse.Namespace) -> Plan:
     """The plan ``fewstep sample`` runs: ``--plan FILE``, or one made from the flags (never both)."""
     flags = {"--model": args.model, "--solver": args.solver, "--steps": args.steps, "--grid": args.grid,
              "--option": args.option, "--cache": args.cache, "--quant": args.quant, "--dtype": args.dtype,
-             "--device": args.device}
+             "--device": args.device, "--guidance": args.guidance}
     if args.plan is not None:
         given = [k for k, v in flags.items() if v is not None]
         if given:
-            raise ValueError(f"--plan gives the model, solver, grid, cache, quant, dtype and device; drop "
+            raise ValueError(f"--plan gives the model, solver, grid, cache, quant, guidance, dtype and device; drop "
                              f"{', '.join(given)}")
         plan = Plan.load(args.plan)
         plan_device(plan)
@@ -86,8 +98,29 @@ def sample_plan(args: argparse.Namespace) -> Plan:
         raise ValueError("give --model (a zoo name or a diffusers folder) or --plan (a plan file)")
     cache = args.cache if args.cache not in (None, "none") else ""
     return Plan(model=args.model, solver=args.solver or "dpmpp_2m", solver_options=options(args.option),
-                grid=args.grid or "time_quadratic", steps=args.steps or 10, cache=cache, dtype=args.dtype or "float32",
-                device=args.device or "cpu", quant=args.quant or "")
+                grid=args.grid or DEFAULT_GRID, steps=args.steps or 10, cache=cache, dtype=args.dtype or "float32",
+                device=args.device or "cpu", quant=args.quant or "", guidance=args.guidance)
+
+
+def sample_prompts(args: argparse.Namespace) -> Prompts | None:
+    """``--prompt``/``--prompts`` as a source (``None`` without), refused with ``--label`` or without guidance for
+    ``--negative-prompt``."""
+    if args.prompt is not None and args.prompts is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    if args.prompt is None and args.prompts is None:
+        if args.negative_prompt is not None:
+            raise ValueError("--negative-prompt goes with --prompt or --prompts")
+        return None
+    if args.label is not None:
+        raise ValueError("--prompt/--prompts condition a text-to-image pipeline, --label a class-conditional model; "
+                         "give one")
+    guided = args.guidance is not None or (args.plan is not None and Plan.load(args.plan).guidance is not None)
+    if args.negative_prompt is not None and not guided:
+        raise ValueError("--negative-prompt is guidance's negative branch: give --guidance too")
+    negative = args.negative_prompt or ""
+    if args.prompts is not None:
+        return Prompts.from_file(args.prompts, negative=negative)
+    return Prompts((args.prompt,), negative, "--prompt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,17 +132,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: {size} processes write a folder of shards, not one file; give a "
                          "folder (a path without a suffix)")
     plan = sample_plan(args)
+    prompts = sample_prompts(args)
     batch = args.batch_size or (64 if to_folder else None)
-    den = zoo.load(plan.model)
+    pipe, uncond, calibration_cond = None, None, None
+    if prompts is None:
+        den = zoo.load(plan.model)
+        cond = class_labels(den, args.label, len(args.seeds))
+    else:  # the pipeline's own encoder encodes the prompts; a PNG is its VAE's decoding of the latents
+        from fewstep.pipelines import load_pipeline  # diffusers: imported only when a command needs it
+
+        pipe = load_pipeline(zoo.model_path(plan.model))
+        den = from_diffusers(pipe)
+        cond, calibration_cond = prompts.cond(pipe, len(args.seeds)), prompts.cond(pipe, 1)
+        uncond = None if plan.guidance is None else prompts.negative_cond(pipe)
     shape = den.sample_shape
-    if not to_folder and out.suffix == ".png" and shape[0] not in (1, 3):
+    if not to_folder and out.suffix == ".png" and shape[0] not in (1, 3) and pipe is None:
         raise ValueError(f"--out {out}: a PNG grid needs 1 or 3 channels, this model makes {shape[0]}; use .npz")
-    cond = class_labels(den, args.label, len(args.seeds))
     if plan.cache:
         check_cache_spec(den, plan.cache)
     shards = None
     if to_folder:
         identity = {"plan": plan.to_dict(), "label": args.label, "shape": list(shape)}
+        if prompts is not None:
+            identity["prompts"] = prompts.fingerprint
         shards = ShardFolder(out, list(args.seeds), batch, identity)
         done = shards.prepare()  # every rank checks the same manifest; a foreign folder is refused here
         if done and rank == 0:
@@ -120,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
             if rank == 0:
                 shards.clean()  # a killed writer's temporary files; no process writes until the barrier
             barrier()
-        sampler = plan.build(den)  # a quantized plan quantizes a copy of den's network (and calibrates) here
+        # a quantized plan quantizes a copy of den's network (and calibrates) here
+        sampler = plan.build(den, uncond=uncond, calibration_cond=calibration_cond)
         stats = CacheStats()
         cal = sampler.calibration
         note = "" if cal is None else f" (auto: {cal.spec}, calibration error {cal.error:.3g})"
@@ -143,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
         note += (f"; cache reused {stats.reused} of {stats.full + stats.reused} evaluations, computed "
                  f"{100 * stats.mean_work:.0f} % of the network")
     what = "samples" if shape[0] in (1, 3) else "undecoded latents (no VAE decode; `fewstep generate` decodes)"
+    if pipe is not None and not to_folder and out.suffix == ".png":
+        from fewstep.pipelines import decode
+
+        x, what = decode(pipe, x), "images (decoded by the pipeline's VAE)"
     if shards is not None:
         n = sum(len(shards.shard_seeds(i)) for i in range(rank, shards.count, size))
         if rank == 0:
