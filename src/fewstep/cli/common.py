@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from fewstep.conditioning import Labels
+from fewstep.conditioning import Labels, Prompts
 from fewstep.grids import MAX_STEPS
 from fewstep.models.base import Cond
 from fewstep.noise import parse_seeds
@@ -110,3 +110,35 @@ def class_labels(den: Any, label: str | None, n: int, *, what: str = "--label") 
     range of them, or ``cycle``; refused on other models); ``None`` without one."""
     source = Labels.of(label, what=what)
     return None if source is None else source.cond(den, n)
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--prompt``, ``--prompts FILE`` and ``--negative-prompt`` of a command that runs a Stable Diffusion 1.x/2.x
+    pipeline folder; ``what`` says whose prompts they are ("every seed", "the calibration seeds")."""
+    parser.add_argument("--prompt", default=None,
+                        help=f"a text-to-image pipeline folder (--model): the prompt of {what}, encoded by the "
+                             "pipeline's own text encoder")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help=f"pipeline folders: the prompts of {what}, one per line, cycled over the seeds")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="pipeline folders: guidance's negative prompt (default: the empty prompt)")
+
+
+def prompt_source(args: argparse.Namespace, *, labelled: bool, guided: bool) -> Prompts | None:
+    """``--prompt``/``--prompts`` (with ``--negative-prompt``) as one source, ``None`` without; refused with
+    class labels (``labelled``) or a negative prompt without guidance (``guided``), before any work."""
+    if args.prompt is not None and args.prompts is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    if args.prompt is None and args.prompts is None:
+        if args.negative_prompt is not None:
+            raise ValueError("--negative-prompt goes with --prompt or --prompts")
+        return None
+    if labelled:
+        raise ValueError("--prompt/--prompts condition a text-to-image pipeline, --label a class-conditional model; "
+                         "give one")
+    if args.negative_prompt is not None and not guided:
+        raise ValueError("--negative-prompt is guidance's negative branch: give --guidance too")
+    negative = args.negative_prompt or ""
+    if args.prompts is not None:
+        return Prompts.from_file(args.prompts, negative=negative)
+    return Prompts((args.prompt,), negative, "--prompt")

@@ -12,11 +12,13 @@ from fewstep import zoo
 from fewstep.caching import CacheStats, check_cache_spec
 from fewstep.cli.common import (
     Subparsers,
+    add_prompt_arguments,
     class_labels,
     device,
     options,
     plan_device,
     positive_int,
+    prompt_source,
     scheme_list,
     seeds,
     step_count,
@@ -48,13 +50,7 @@ def add_parser(sub: Subparsers) -> None:
     smp.add_argument("--option", action="append", help="solver knob key=value (repeatable), e.g. eta=1")
     smp.add_argument("--label", default=None, help="class label for class-conditional models (dit_s): an int, or "
                      "'cycle' for 0-9 in turn; default: the model's unconditional label")
-    smp.add_argument("--prompt", default=None,
-                     help="a Stable Diffusion 1.x/2.x pipeline folder (--model): the prompt of every seed, encoded by "
-                          "the pipeline's own text encoder")
-    smp.add_argument("--prompts", default=None, metavar="FILE",
-                     help="pipeline folders: prompts, one per line, cycled over the seeds")
-    smp.add_argument("--negative-prompt", default=None,
-                     help="pipeline folders: guidance's negative prompt (default: the empty prompt)")
+    add_prompt_arguments(smp, what="every seed")
     smp.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale: models with a null label (dit_s), or a pipeline's prompts "
                           "against the negative prompt (default: none)")
@@ -103,24 +99,9 @@ def sample_plan(args: argparse.Namespace) -> Plan:
 
 
 def sample_prompts(args: argparse.Namespace) -> Prompts | None:
-    """``--prompt``/``--prompts`` as a source (``None`` without), refused with ``--label`` or without guidance for
-    ``--negative-prompt``."""
-    if args.prompt is not None and args.prompts is not None:
-        raise ValueError("give --prompt or --prompts, not both")
-    if args.prompt is None and args.prompts is None:
-        if args.negative_prompt is not None:
-            raise ValueError("--negative-prompt goes with --prompt or --prompts")
-        return None
-    if args.label is not None:
-        raise ValueError("--prompt/--prompts condition a text-to-image pipeline, --label a class-conditional model; "
-                         "give one")
+    """``--prompt``/``--prompts`` as a source (``None`` without)."""
     guided = args.guidance is not None or (args.plan is not None and Plan.load(args.plan).guidance is not None)
-    if args.negative_prompt is not None and not guided:
-        raise ValueError("--negative-prompt is guidance's negative branch: give --guidance too")
-    negative = args.negative_prompt or ""
-    if args.prompts is not None:
-        return Prompts.from_file(args.prompts, negative=negative)
-    return Prompts((args.prompt,), negative, "--prompt")
+    return prompt_source(args, labelled=args.label is not None, guided=guided)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,16 @@ from typing import Any
 import torch
 
 from fewstep import zoo
-from fewstep.cli.common import Subparsers, class_labels, device, positive_int, seeds, step_list
+from fewstep.cli.common import (
+    Subparsers,
+    add_prompt_arguments,
+    class_labels,
+    device,
+    positive_int,
+    prompt_source,
+    seeds,
+    step_list,
+)
 from fewstep.conditioning import Prompts
 from fewstep.metrics import DigitsFD
 from fewstep.models import from_diffusers
@@ -44,14 +53,9 @@ def add_parser(sub: Subparsers) -> None:
                      help="class-conditional models: the calibration labels (an int, a list or range such as 0-4, "
                           "cycled over the seeds, or cycle for all classes)")
     tun.add_argument("--holdout-label", default=None, help="the held-out labels, as --label (default: --label's)")
-    tun.add_argument("--prompt", default=None,
-                     help="text-to-image pipeline folders: the prompt of every calibration (and held-out) seed")
-    tun.add_argument("--prompts", default=None, metavar="FILE",
-                     help="text-to-image pipeline folders: calibration prompts, one per line, cycled over the seeds")
+    add_prompt_arguments(tun, what="the calibration seeds (and the held-out ones, without --holdout-prompts)")
     tun.add_argument("--holdout-prompts", default=None, metavar="FILE",
                      help="the held-out prompts, one per line (default: the calibration prompts)")
-    tun.add_argument("--negative-prompt", default=None,
-                     help="guidance's negative prompt on a pipeline (default: the empty prompt)")
     tun.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale the plan is tuned for (models with a null label, or a "
                           "pipeline's prompts against the negative prompt)")
@@ -87,29 +91,16 @@ def cell(r: Row | None) -> str:
 
 
 def prompt_sources(args: argparse.Namespace) -> tuple[Prompts | None, Prompts | None]:
-    """``--prompt``/``--prompts`` and ``--holdout-prompts`` as sources (``None, None`` without prompts), the
-    combinations that cannot go together refused before any work."""
-    if args.prompt is not None and args.prompts is not None:
-        raise ValueError("give --prompt or --prompts, not both")
-    given = args.prompt is not None or args.prompts is not None
-    if given and (args.label is not None or args.holdout_label is not None):
-        raise ValueError("--prompt/--prompts condition a text-to-image pipeline, --label a class-conditional model; "
-                         "give one")
-    if not given:
-        for flag, value in (("--holdout-prompts", args.holdout_prompts), ("--negative-prompt", args.negative_prompt)):
-            if value is not None:
-                raise ValueError(f"{flag} goes with --prompt or --prompts")
+    """The calibration and held-out prompt sources (``None, None`` without prompts)."""
+    labelled = args.label is not None or args.holdout_label is not None
+    prompts = prompt_source(args, labelled=labelled, guided=args.guidance is not None)
+    if prompts is None:
+        if args.holdout_prompts is not None:
+            raise ValueError("--holdout-prompts goes with --prompt or --prompts")
         return None, None
-    if args.negative_prompt is not None and args.guidance is None:
-        raise ValueError("--negative-prompt is guidance's negative branch: give --guidance too")
-    negative = args.negative_prompt or ""
-    if args.prompts is not None:
-        prompts = Prompts.from_file(args.prompts, negative=negative)
-    else:
-        prompts = Prompts((args.prompt,), negative, "--prompt")
-    held = prompts if args.holdout_prompts is None else Prompts.from_file(args.holdout_prompts, negative=negative,
-                                                                          what="--holdout-prompts")
-    return prompts, held
+    if args.holdout_prompts is None:
+        return prompts, prompts
+    return prompts, Prompts.from_file(args.holdout_prompts, negative=prompts.negative, what="--holdout-prompts")
 
 
 def run(args: argparse.Namespace) -> int:
