@@ -150,3 +150,35 @@ def test_cli_samples_a_pipeline_on_prompts_as_the_plan_does(pipe, sd_folder, tmp
     bad = ["sample", "--model", "dit_s", "--prompt", "a red 3", "--label", "3", "--out", str(tmp_path / "y.npz")]
     assert main(bad) == 2
     assert "give one" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()
+
+
+def test_sd3_prompts_are_its_own_encoding_and_drive_its_transformer(tmp_path):
+    from tiny_pipelines import sd3_text_pipeline
+
+    pipe = sd3_text_pipeline(tmp_path)
+    source = Prompts(("a red 3", "the digit seven"), negative="blurry")
+    with torch.no_grad():
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt("a red 3", None, None, device="cpu",
+                                                          do_classifier_free_guidance=True, negative_prompt="blurry")
+    cond = source.cond(pipe, 3)
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
+    assert torch.equal(cond["encoder_hidden_states"][:1], emb) and torch.equal(cond["pooled_projections"][2:], pooled)
+    negative = source.negative_cond(pipe)
+    assert torch.equal(negative["encoder_hidden_states"], neg) and torch.equal(negative["pooled_projections"],
+                                                                               neg_pooled)
+    den = fewstep.from_diffusers(pipe)
+    x = torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(0))
+    out = fewstep.sample(fewstep.ClassifierFreeGuidance(den, 4.0, uncond=negative), "dpmpp_2m", 3, x_init=x,
+                         cond=cond)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_pipelines_whose_prompts_are_not_encoded_yet_are_refused_in_one_line():
+    class SDXLLike:  # two CLIP encoders and no third slot: SDXL, whose network also needs time ids
+        tokenizer, text_encoder, text_encoder_2 = object(), object(), object()
+
+        def encode_prompt(self, *args, **kwargs):
+            raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="encoding prompts for SDXLLike is not supported yet"):
+        Prompts(("a red 3",)).cond(SDXLLike(), 1)

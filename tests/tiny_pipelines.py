@@ -119,6 +119,26 @@ def sd3_pipeline(layers: int = 1) -> tuple[diffusers.StableDiffusion3Pipeline,
     return pipe, base, cond, uncond
 
 
+def sd3_text_pipeline(folder: Path) -> diffusers.StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline on :func:`sd3_transformer` with its two CLIP text encoders (hidden 6 each, so their
+    hidden states and pooled projections concatenate to the transformer's 12) and no T5 (its part is zeros, as the
+    pipeline makes it)."""
+    torch.manual_seed(0)
+    encoders, tokenizers = [], []
+    for k in range(2):
+        tok = clip_tokenizer(folder / f"_tok{k}")
+        tokenizers.append(tok)
+        encoders.append(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=6, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=16, projection_dim=6, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval())
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=sd3_transformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae(),
+        text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sd3_call(cond: dict, uncond: dict, *, steps: int, guidance: float) -> dict:
     """The keywords of a guided 16x16 SD3 pipeline call with the embeddings of :func:`sd3_pipeline`."""
     return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],

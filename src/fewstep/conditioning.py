@@ -5,8 +5,8 @@ A source is parsed once, at the edge (a ``--label`` or ``--prompts`` flag, an ex
 checked against the model before anything runs. :class:`Labels`: class labels of a class-conditional model (a DiT,
 or a U-Net with class embeddings), whose negative for guidance is the model's default null condition.
 :class:`Prompts`: text prompts of a text-to-image pipeline, encoded by the pipeline's own encoders (once per prompt
-and encoder), with the negative prompt's conditioning for guidance. ``None`` is the model's own default
-conditioning (a DiT's null label).
+and encoder: Stable Diffusion 1.x/2.x and SD3), with the negative prompt's conditioning for guidance. ``None`` is
+the model's own default conditioning (a DiT's null label).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +111,11 @@ class Prompts:
     """Text prompts for the seeds of a run, cycled over them as :class:`Labels` are, and a negative prompt (``""``:
     the empty prompt, the unconditional branch of classifier-free guidance).
 
-    :meth:`cond` and :meth:`negative` encode with the pipeline's own ``encode_prompt`` under ``no_grad``, once per
-    prompt text and text encoder. Pipelines whose ``encode_prompt`` returns the prompt embeddings and the negative
-    ones (Stable Diffusion 1.x/2.x: ``encoder_hidden_states``) are encoded; other families are refused in one line
-    (pass their embeddings as ``cond`` instead). ``what`` names the source in errors (``"--prompts"``)."""
+    :meth:`cond` and :meth:`negative_cond` encode with the pipeline's own ``encode_prompt`` under ``no_grad``, once
+    per prompt text and text encoder, into the keywords the pipeline passes its network: Stable Diffusion 1.x/2.x
+    (``encoder_hidden_states``) and SD3 (also ``pooled_projections``; T5's part is zeros without T5, as in the
+    pipeline). Other families (SDXL's time ids, Flux's ids and guidance) are refused in one line: pass their
+    embeddings as ``cond`` instead. ``what`` names the source in errors (``"--prompts"``)."""
 
     texts: tuple[str, ...]
     negative: str = ""
@@ -147,39 +148,34 @@ class Prompts:
 
     def check(self, pipe: Any) -> None:
         """A one-line error unless ``pipe`` encodes prompts the way :meth:`cond` reads them, and every prompt fits
-        its tokenizer (a longer one would be truncated silently)."""
-        tokenizer, encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
-        if tokenizer is None or encoder is None or not hasattr(pipe, "encode_prompt"):
-            raise ValueError(f"{self.what} need a text-to-image pipeline with a tokenizer and a text encoder; "
-                             f"{type(pipe).__name__} has none")
-        if _has_extra_encoders(pipe):
-            raise ValueError(f"{self.what}: encoding prompts for {type(pipe).__name__} is not supported yet (Stable "
-                             f"Diffusion 1.x/2.x pipelines are); pass its embeddings as cond instead")
-        limit = int(tokenizer.model_max_length)
-        for text in (*self.texts, self.negative):
-            count = len(tokenizer(text).input_ids)
-            if count > limit:
-                raise ValueError(f"{self.what}: {text!r} is {count} tokens, more than the tokenizer's {limit}: it "
-                                 f"would be truncated; shorten it")
+        its tokenizers (a longer one would be truncated silently)."""
+        layout = _layout(pipe, self.what)
+        for name, limit in layout.tokenizers(pipe):
+            tokenizer = getattr(pipe, name)
+            for text in (*self.texts, self.negative):
+                count = len(tokenizer(text).input_ids)
+                if count > limit:
+                    raise ValueError(f"{self.what}: {text!r} is {count} tokens, more than the tokenizer's {limit}: "
+                                     f"it would be truncated; shorten it")
 
-    def _encoded(self, pipe: Any, text: str) -> torch.Tensor:
+    def _encoded(self, pipe: Any, text: str) -> dict[str, torch.Tensor]:
         cache = _ENCODED.setdefault(pipe.text_encoder, {})
         if text not in cache:
             with torch.no_grad():
-                emb, _ = pipe.encode_prompt(text, pipe.text_encoder.device, 1, False)
-            cache[text] = emb.detach()
+                cache[text] = {k: v.detach() for k, v in _layout(pipe, self.what).encode(pipe, text).items()}
         return cache[text]
 
     def cond(self, pipe: Any, n: int) -> Cond:
-        """``{"encoder_hidden_states": ...}`` for ``n`` seeds, prompt ``k % len(texts)`` for seed ``k``."""
+        """The conditioning of ``n`` seeds, prompt ``k % len(texts)`` for seed ``k``: the keywords the pipeline
+        passes its network (``encoder_hidden_states``; SD3 also ``pooled_projections``)."""
         self.check(pipe)
-        embs = [self._encoded(pipe, self.texts[k % len(self.texts)]) for k in range(n)]
-        return {"encoder_hidden_states": torch.cat(embs)}
+        encoded = [self._encoded(pipe, self.texts[k % len(self.texts)]) for k in range(n)]
+        return {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
 
     def negative_cond(self, pipe: Any) -> Cond:
         """The negative prompt's conditioning (batch 1, broadcast over the seeds): guidance's unconditional branch."""
         self.check(pipe)
-        return {"encoder_hidden_states": self._encoded(pipe, self.negative)}
+        return dict(self._encoded(pipe, self.negative))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -189,6 +185,53 @@ class Prompts:
         return [self.texts[k % len(self.texts)] for k in range(n)]
 
 
-def _has_extra_encoders(pipe: Any) -> bool:
-    """Whether the pipeline has encoders beyond one CLIP text encoder (SDXL, SD3, Flux: pooled embeddings and more)."""
-    return any(getattr(pipe, name, None) is not None for name in ("text_encoder_2", "text_encoder_3"))
+def _encode_sd(pipe: Any, text: str) -> dict[str, torch.Tensor]:
+    """Stable Diffusion 1.x/2.x: one CLIP encoder's hidden states."""
+    emb, _ = pipe.encode_prompt(text, pipe.text_encoder.device, 1, False)
+    return {"encoder_hidden_states": emb}
+
+
+def _encode_sd3(pipe: Any, text: str) -> dict[str, torch.Tensor]:
+    """SD3: CLIP-L and CLIP-G hidden states beside T5's (zeros without T5, as the pipeline does), and the pooled
+    CLIP projections."""
+    emb, _, pooled, _ = pipe.encode_prompt(text, None, None, device=pipe.text_encoder.device, num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one kind of pipeline encodes a prompt: the components it needs, and the reading of its
+    ``encode_prompt`` into the network's keywords."""
+
+    needs: tuple[str, ...]
+    encode: Callable[[Any, str], dict[str, torch.Tensor]]
+
+    def tokenizers(self, pipe: Any) -> list[tuple[str, int]]:
+        """The pipeline's tokenizers and how many tokens each takes (T5's: the pipeline's default 256)."""
+        out = [(n, int(getattr(pipe, n).model_max_length)) for n in ("tokenizer", "tokenizer_2")
+               if getattr(pipe, n, None) is not None]
+        if getattr(pipe, "tokenizer_3", None) is not None:
+            out.append(("tokenizer_3", 256))
+        return out
+
+
+_LAYOUTS = (_Layout(("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), _encode_sd3),
+            _Layout(("tokenizer", "text_encoder"), _encode_sd))
+
+
+def _layout(pipe: Any, what: str) -> _Layout:
+    """The layout of ``pipe``: SD3's (it has a third encoder slot, T5, which may be empty), else Stable Diffusion
+    1.x/2.x's (one CLIP encoder and nothing more); other pipelines are refused in one line."""
+    if not hasattr(pipe, "encode_prompt") or getattr(pipe, "tokenizer", None) is None or \
+            getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"{what} need a text-to-image pipeline with a tokenizer and a text encoder; "
+                         f"{type(pipe).__name__} has none")
+    layout = _LAYOUTS[0] if hasattr(pipe, "text_encoder_3") else _LAYOUTS[1]
+    if layout is _LAYOUTS[1] and getattr(pipe, "text_encoder_2", None) is not None:
+        raise ValueError(f"{what}: encoding prompts for {type(pipe).__name__} is not supported yet (Stable "
+                         f"Diffusion 1.x/2.x and SD3 pipelines are); pass its embeddings as cond instead")
+    missing = [n for n in layout.needs if getattr(pipe, n, None) is None]
+    if missing:
+        raise ValueError(f"{what}: {type(pipe).__name__} has no {', '.join(missing)} to encode prompts with")
+    return layout
