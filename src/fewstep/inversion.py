@@ -11,7 +11,7 @@ import torch
 
 from fewstep.grids import DEFAULT_GRID, explicit, make_grid
 from fewstep.models.base import Cond, Denoiser, Run
-from fewstep.sample import _BoundModel, integrate
+from fewstep.sample import BoundModel, integrate
 from fewstep.solvers import Solver, State, Step, make_solver
 from fewstep.solvers.bdia import BDIA, BDIAState
 
@@ -89,7 +89,7 @@ def invert(
     n = len(g) - 1
     sched = denoiser.schedule
     run = Run(tuple(range(x0.shape[0])), tuple(reversed(g)), tuple(hooks))
-    model = _BoundModel(denoiser.for_run(run), cond, check, hooks)
+    model = BoundModel(denoiser.for_run(run), cond, check, hooks)
     # Reversed steps: from g[n - i] (cleaner) to g[n - i - 1] (noisier); h < 0.
     back = [Step.of(sched, i, n, g[n - i], g[n - i - 1]) for i in range(n)]
     x = x0.clone()
@@ -122,5 +122,5 @@ def regenerate(
     sched = denoiser.schedule
     steps = [Step.of(sched, i, n, g[i], g[i + 1]) for i in range(inversion.start_index, n)]
     run = Run(tuple(range(inversion.x_T.shape[0])), tuple(g), tuple(hooks))
-    model = _BoundModel(denoiser.for_run(run), cond, check, hooks)
+    model = BoundModel(denoiser.for_run(run), cond, check, hooks)
     return integrate(model, inversion.solver, steps, inversion.start, inversion.state, inversion.times, hooks)

@@ -13,10 +13,10 @@ from fewstep.models.base import Cond, Denoiser, Run
 from fewstep.noise import SampleNoise, parse_seeds
 from fewstep.solvers import Solver, Step, make_solver
 
-__all__ = ["sample"]
+__all__ = ["BoundModel", "integrate", "sample"]
 
 
-class _BoundModel:
+class BoundModel:
     """The denoiser as solvers see it: ``model(x, t) -> x0_hat`` with ``cond`` bound, every call counted and
     (optionally) checked. Created per run, so counts never leak between runs or threads."""
 
@@ -136,13 +136,13 @@ def sample(
         x = x_init.to(device=device, dtype=dtype)
 
     run = Run(tuple(seed_list), tuple(g), tuple(hooks))
-    model = _BoundModel(denoiser.for_run(run), cond, check, hooks, noise)
+    model = BoundModel(denoiser.for_run(run), cond, check, hooks, noise)
     steps = [Step.of(schedule, i, count, g[i], g[i + 1], to_zero=to_zero) for i in range(count - int(to_zero))]
     return integrate(model, solver, steps, x, solver.init(x), times, hooks)
 
 
 def integrate(
-    model: _BoundModel, solver: Solver, steps: Sequence[Step], x: torch.Tensor, state: Any, times: torch.Tensor,
+    model: BoundModel, solver: Solver, steps: Sequence[Step], x: torch.Tensor, state: Any, times: torch.Tensor,
     hooks: Sequence[Any],
 ) -> torch.Tensor:
     """The loop itself, from ``x`` and solver ``state`` over ``steps`` (then the denoise-to-zero step if the
