@@ -174,11 +174,41 @@ def test_sd3_prompts_are_its_own_encoding_and_drive_its_transformer(tmp_path):
 
 
 def test_pipelines_whose_prompts_are_not_encoded_yet_are_refused_in_one_line():
-    class SDXLLike:  # two CLIP encoders and no third slot: SDXL, whose network also needs time ids
-        tokenizer, text_encoder, text_encoder_2 = object(), object(), object()
+    class FluxLike:  # a CLIP and a T5 encoder on a transformer: Flux, whose network also needs ids and guidance
+        tokenizer, text_encoder, text_encoder_2, transformer = object(), object(), object(), object()
 
         def encode_prompt(self, *args, **kwargs):
             raise AssertionError("never called")
 
-    with pytest.raises(ValueError, match="encoding prompts for SDXLLike is not supported yet"):
-        Prompts(("a red 3",)).cond(SDXLLike(), 1)
+    with pytest.raises(ValueError, match="encoding prompts for FluxLike is not supported yet"):
+        Prompts(("a red 3",)).cond(FluxLike(), 1)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_sdxl_prompts_are_what_its_own_call_passes_its_unet(tmp_path, negative):
+    """The pipeline's guided call, with the U-Net's keywords captured: its embeddings, pooled text embeds and time
+    ids are Prompts' (the empty negative prompt as zeros, the pipeline's force_zeros_for_empty_prompt)."""
+    from tiny_pipelines import sdxl_text_pipeline
+
+    pipe = sdxl_text_pipeline(tmp_path)
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        pipe("a red 3", negative_prompt=negative or None, num_inference_steps=1, guidance_scale=3.0,
+             output_type="latent")
+    finally:
+        handle.remove()
+    call = seen[0]
+    source = Prompts(("a red 3",), negative=negative)
+    cond, uncond = source.cond(pipe, 1), source.negative_cond(pipe)
+    assert torch.equal(call["encoder_hidden_states"], torch.cat([uncond["encoder_hidden_states"],
+                                                                 cond["encoder_hidden_states"]]))
+    for key in ("text_embeds", "time_ids"):
+        assert torch.equal(call["added_cond_kwargs"][key], torch.cat([uncond["added_cond_kwargs"][key],
+                                                                      cond["added_cond_kwargs"][key]]))
+    assert not uncond["encoder_hidden_states"].any() if negative == "" else uncond["encoder_hidden_states"].any()
+    den = fewstep.from_diffusers(pipe)
+    x = torch.randn(2, *den.sample_shape, generator=torch.Generator().manual_seed(0))
+    out = fewstep.sample(fewstep.ClassifierFreeGuidance(den, 3.0, uncond=uncond), "dpmpp_2m", 3, x_init=x,
+                         cond=source.cond(pipe, 2))
+    assert torch.isfinite(out).all()

@@ -139,6 +139,23 @@ def sd3_text_pipeline(folder: Path) -> diffusers.StableDiffusion3Pipeline:
     return pipe
 
 
+def sdxl_text_pipeline(folder: Path) -> diffusers.StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline on :func:`sdxl_unet` with its two CLIP text encoders (hidden 6 each: 12
+    concatenated, the U-Net's cross-attention; CLIP-G's pooled projection 12, its text embeds)."""
+    torch.manual_seed(0)
+    toks = [clip_tokenizer(folder / f"_tok{k}") for k in range(2)]
+    config = dict(vocab_size=len(toks[0]), hidden_size=6, intermediate_size=12, num_hidden_layers=1,
+                  num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=vae(), text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)).eval(),
+        text_encoder_2=transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**config, projection_dim=12)).eval(),
+        tokenizer=toks[0], tokenizer_2=toks[1], unet=sdxl_unet(),
+        scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sd3_call(cond: dict, uncond: dict, *, steps: int, guidance: float) -> dict:
     """The keywords of a guided 16x16 SD3 pipeline call with the embeddings of :func:`sd3_pipeline`."""
     return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],

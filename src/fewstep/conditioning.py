@@ -5,7 +5,7 @@ A source is parsed once, at the edge (a ``--label`` or ``--prompts`` flag, an ex
 checked against the model before anything runs. :class:`Labels`: class labels of a class-conditional model (a DiT,
 or a U-Net with class embeddings), whose negative for guidance is the model's default null condition.
 :class:`Prompts`: text prompts of a text-to-image pipeline, encoded by the pipeline's own encoders (once per prompt
-and encoder: Stable Diffusion 1.x/2.x and SD3), with the negative prompt's conditioning for guidance. ``None`` is
+and encoder: Stable Diffusion 1.x/2.x, SDXL and SD3), with the negative prompt's conditioning for guidance. ``None`` is
 the model's own default conditioning (a DiT's null label).
 """
 
@@ -113,9 +113,10 @@ class Prompts:
 
     :meth:`cond` and :meth:`negative_cond` encode with the pipeline's own ``encode_prompt`` under ``no_grad``, once
     per prompt text and text encoder, into the keywords the pipeline passes its network: Stable Diffusion 1.x/2.x
-    (``encoder_hidden_states``) and SD3 (also ``pooled_projections``; T5's part is zeros without T5, as in the
-    pipeline). Other families (SDXL's time ids, Flux's ids and guidance) are refused in one line: pass their
-    embeddings as ``cond`` instead. ``what`` names the source in errors (``"--prompts"``)."""
+    (``encoder_hidden_states``), SDXL (also ``added_cond_kwargs``: pooled embeddings and the default call's time
+    ids) and SD3 (also ``pooled_projections``; T5's part is zeros without T5, as in the pipeline). Other families
+    (Flux's ids and guidance, PixArt, Sana) are refused in one line: pass their embeddings as ``cond`` instead.
+    ``what`` names the source in errors (``"--prompts"``)."""
 
     texts: tuple[str, ...]
     negative: str = ""
@@ -158,24 +159,23 @@ class Prompts:
                     raise ValueError(f"{self.what}: {text!r} is {count} tokens, more than the tokenizer's {limit}: "
                                      f"it would be truncated; shorten it")
 
-    def _encoded(self, pipe: Any, text: str) -> dict[str, torch.Tensor]:
+    def _encoded(self, pipe: Any, text: str) -> dict[str, Any]:
         cache = _ENCODED.setdefault(pipe.text_encoder, {})
         if text not in cache:
             with torch.no_grad():
-                cache[text] = {k: v.detach() for k, v in _layout(pipe, self.what).encode(pipe, text).items()}
+                cache[text] = detached(_layout(pipe, self.what).encode(pipe, text))
         return cache[text]
 
     def cond(self, pipe: Any, n: int) -> Cond:
         """The conditioning of ``n`` seeds, prompt ``k % len(texts)`` for seed ``k``: the keywords the pipeline
         passes its network (``encoder_hidden_states``; SD3 also ``pooled_projections``)."""
         self.check(pipe)
-        encoded = [self._encoded(pipe, self.texts[k % len(self.texts)]) for k in range(n)]
-        return {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
+        return _stack([self._encoded(pipe, self.texts[k % len(self.texts)]) for k in range(n)])
 
     def negative_cond(self, pipe: Any) -> Cond:
         """The negative prompt's conditioning (batch 1, broadcast over the seeds): guidance's unconditional branch."""
         self.check(pipe)
-        return dict(self._encoded(pipe, self.negative))
+        return _stack([self._encoded(pipe, self.negative)])
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -189,6 +189,19 @@ def _encode_sd(pipe: Any, text: str) -> dict[str, torch.Tensor]:
     """Stable Diffusion 1.x/2.x: one CLIP encoder's hidden states."""
     emb, _ = pipe.encode_prompt(text, pipe.text_encoder.device, 1, False)
     return {"encoder_hidden_states": emb}
+
+
+def _encode_sdxl(pipe: Any, text: str) -> dict[str, Any]:
+    """SDXL: both CLIP encoders' hidden states, and ``added_cond_kwargs``: CLIP-G's pooled projection and the six
+    time ids of the pipeline's default call (original and target size the default image size, no crop). The empty
+    negative prompt is zeros where the pipeline's ``force_zeros_for_empty_prompt`` says so, as its call does."""
+    emb, _, pooled, _ = pipe.encode_prompt(text, None, device=pipe.text_encoder.device, num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+    if text == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        emb, pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
+    size = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=emb.dtype, device=emb.device)
+    return {"encoder_hidden_states": emb, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def _encode_sd3(pipe: Any, text: str) -> dict[str, torch.Tensor]:
@@ -205,7 +218,7 @@ class _Layout:
     ``encode_prompt`` into the network's keywords."""
 
     needs: tuple[str, ...]
-    encode: Callable[[Any, str], dict[str, torch.Tensor]]
+    encode: Callable[[Any, str], dict[str, Any]]
 
     def tokenizers(self, pipe: Any) -> list[tuple[str, int]]:
         """The pipeline's tokenizers and how many tokens each takes (T5's: the pipeline's default 256)."""
@@ -216,22 +229,35 @@ class _Layout:
         return out
 
 
-_LAYOUTS = (_Layout(("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), _encode_sd3),
-            _Layout(("tokenizer", "text_encoder"), _encode_sd))
+_SD3, _SDXL, _SD = (_Layout(("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), _encode_sd3),
+                    _Layout(("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), _encode_sdxl),
+                    _Layout(("tokenizer", "text_encoder"), _encode_sd))
 
 
 def _layout(pipe: Any, what: str) -> _Layout:
-    """The layout of ``pipe``: SD3's (it has a third encoder slot, T5, which may be empty), else Stable Diffusion
-    1.x/2.x's (one CLIP encoder and nothing more); other pipelines are refused in one line."""
+    """The layout of ``pipe``: SD3's (a third encoder slot, T5, which may be empty), SDXL's (a U-Net with a second
+    CLIP encoder), or Stable Diffusion 1.x/2.x's (one CLIP encoder); other pipelines (Flux, PixArt, Sana) are refused
+    in one line."""
     if not hasattr(pipe, "encode_prompt") or getattr(pipe, "tokenizer", None) is None or \
             getattr(pipe, "text_encoder", None) is None:
         raise ValueError(f"{what} need a text-to-image pipeline with a tokenizer and a text encoder; "
                          f"{type(pipe).__name__} has none")
-    layout = _LAYOUTS[0] if hasattr(pipe, "text_encoder_3") else _LAYOUTS[1]
-    if layout is _LAYOUTS[1] and getattr(pipe, "text_encoder_2", None) is not None:
+    if hasattr(pipe, "text_encoder_3"):
+        layout = _SD3
+    elif getattr(pipe, "text_encoder_2", None) is None:
+        layout = _SD
+    elif getattr(pipe, "unet", None) is not None:
+        layout = _SDXL
+    else:
         raise ValueError(f"{what}: encoding prompts for {type(pipe).__name__} is not supported yet (Stable "
-                         f"Diffusion 1.x/2.x and SD3 pipelines are); pass its embeddings as cond instead")
+                         f"Diffusion 1.x/2.x, SDXL and SD3 pipelines are); pass its embeddings as cond instead")
     missing = [n for n in layout.needs if getattr(pipe, n, None) is None]
     if missing:
         raise ValueError(f"{what}: {type(pipe).__name__} has no {', '.join(missing)} to encode prompts with")
     return layout
+
+
+def _stack(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The per-seed encodings as one batch, key by key (nested mappings too: SDXL's ``added_cond_kwargs``)."""
+    return {key: _stack([p[key] for p in parts]) if isinstance(parts[0][key], Mapping)
+            else torch.cat([p[key] for p in parts]) for key in parts[0]}

@@ -113,8 +113,9 @@ def class_labels(den: Any, label: str | None, n: int, *, what: str = "--label") 
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser, *, what: str) -> None:
-    """``--prompt``, ``--prompts FILE`` and ``--negative-prompt`` of a command that runs a Stable Diffusion 1.x/2.x
-    pipeline folder; ``what`` says whose prompts they are ("every seed", "the calibration seeds")."""
+    """``--prompt``, ``--prompts FILE`` and ``--negative-prompt`` of a command that runs a Stable Diffusion
+    1.x/2.x, SDXL or SD3 pipeline folder; ``what`` says whose prompts they are ("every seed", "the calibration
+    seeds")."""
     parser.add_argument("--prompt", default=None,
                         help=f"a text-to-image pipeline folder (--model): the prompt of {what}, encoded by the "
                              "pipeline's own text encoder")
