@@ -103,7 +103,7 @@ def detached(cond: Cond) -> Cond:
 
 
 # encoded prompts, by text encoder (dropped with it) and by prompt text
-_ENCODED: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+_ENCODED: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -176,13 +176,6 @@ class Prompts:
         """The negative prompt's conditioning (batch 1, broadcast over the seeds): guidance's unconditional branch."""
         self.check(pipe)
         return _stack([self._encoded(pipe, self.negative)])
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def head(self, n: int) -> Sequence[str]:
-        """The prompts of the first ``n`` seeds."""
-        return [self.texts[k % len(self.texts)] for k in range(n)]
 
 
 def _encode_sd(pipe: Any, text: str) -> dict[str, torch.Tensor]:

@@ -204,9 +204,10 @@ def _run(exp: Experiment, ctx: Context) -> _Samples:
                 extra = {"cache_choice": sampler.calibration.spec,
                          "cache_calibration_error": sampler.calibration.error}
             timed = _Timed(sampler.denoiser)
-        t0 = time.perf_counter()  # quantization and calibration are not part of the run's time
+        cond = ctx.cond(exp, den)
+        t0 = time.perf_counter()  # quantization, calibration and conditioning are not part of the run's time
         with peer:
-            out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, cond=ctx.cond(exp, den),
+            out = dataclasses.replace(sampler, denoiser=timed).sample(seeds=exp.seeds, cond=cond,
                                                                       hooks=[counter, stats])
         nfe = counter.nfe
         if exp.cache:

@@ -98,10 +98,10 @@ def sample_plan(args: argparse.Namespace) -> Plan:
                 device=args.device or "cpu", quant=args.quant or "", guidance=args.guidance)
 
 
-def sample_prompts(args: argparse.Namespace) -> Prompts | None:
-    """``--prompt``/``--prompts`` as a source (``None`` without)."""
-    guided = args.guidance is not None or (args.plan is not None and Plan.load(args.plan).guidance is not None)
-    return prompt_source(args, labelled=args.label is not None, guided=guided)
+def sample_prompts(args: argparse.Namespace, plan: Plan) -> Prompts | None:
+    """``--prompt``/``--prompts`` as a source (``None`` without), for the run ``plan`` describes (its guidance:
+    ``--guidance`` or the plan file's)."""
+    return prompt_source(args, labelled=args.label is not None, guided=plan.guidance is not None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: {size} processes write a folder of shards, not one file; give a "
                          "folder (a path without a suffix)")
     plan = sample_plan(args)
-    prompts = sample_prompts(args)
+    prompts = sample_prompts(args, plan)
     batch = args.batch_size or (64 if to_folder else None)
     pipe, uncond, calibration_cond = None, None, None
     if prompts is None:

@@ -113,19 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     prompts, hold_prompts = prompt_sources(args)
     pipe, uncond = None, None
-    if prompts is None:
+    if prompts is None or hold_prompts is None:
         den = zoo.load(args.model)
-    else:  # the pipeline's own encoders encode the prompts, before any sampling
-        pipe = load_pipeline(zoo.model_path(args.model))
-        den = from_diffusers(pipe)
-        for source in (prompts, hold_prompts):
-            source.check(pipe)
-    place(den, torch.device(args.device), DTYPES[args.dtype])
-    shape = den.sample_shape
-    if pipe is not None and prompts is not None and hold_prompts is not None:
-        cond, hold_cond = prompts.cond(pipe, len(args.seeds)), hold_prompts.cond(pipe, len(args.holdout))
-        uncond = None if args.guidance is None else prompts.negative_cond(pipe)
-    else:
         cond = class_labels(den, args.label, len(args.seeds))
         if args.holdout_label is None:
             hold_cond = class_labels(den, args.label, len(args.holdout))
@@ -134,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
         if args.guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
             raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as "
                              "dit_s) or a pipeline's prompts (--prompt, --prompts)")
+    else:  # the pipeline's own encoders encode the prompts (each checked against them first), before any sampling
+        pipe = load_pipeline(zoo.model_path(args.model))
+        den = from_diffusers(pipe)
+        cond, hold_cond = prompts.cond(pipe, len(args.seeds)), hold_prompts.cond(pipe, len(args.holdout))
+        uncond = None if args.guidance is None else prompts.negative_cond(pipe)
+    place(den, torch.device(args.device), DTYPES[args.dtype])
+    shape = den.sample_shape
     fd = digits_fd(den) if len(args.holdout) > 64 else None  # FD needs more samples than its 64 features
     out.mkdir(parents=True, exist_ok=True)
     store = TuneStore(out / "tune.sqlite")
@@ -144,10 +140,9 @@ def run(args: argparse.Namespace) -> int:
     for nfe in args.nfe:
         got = tune(den, args.model, nfe, solvers=args.solvers, shape=shape, seeds=args.seeds, holdout=args.holdout,
                    cond=cond, holdout_cond=hold_cond, guidance=args.guidance, uncond=uncond,
-                   candidates=args.candidates,
-                   compare=args.compare, decouple=not args.no_decouple, iterations=args.iterations,
-                   minutes=args.minutes, diffusers=not args.no_diffusers, dtype=args.dtype, device=args.device, fd=fd,
-                   store=store, teachers=teachers)
+                   candidates=args.candidates, compare=args.compare, decouple=not args.no_decouple,
+                   iterations=args.iterations, minutes=args.minutes, diffusers=not args.no_diffusers,
+                   dtype=args.dtype, device=args.device, fd=fd, store=store, teachers=teachers)
         path = got.plan.save(out / f"plan_nfe{nfe}.json")
         results.append(got.result())
         if pipe is not None:  # the report draws the decoded images of the latents

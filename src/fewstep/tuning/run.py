@@ -152,7 +152,6 @@ class Tune:
         self.cond, self.holdout_cond, self.guidance, self.uncond = cond, holdout_cond, guidance, uncond
         self.fixed, self.compare, self.decouple, self.iterations = list(fixed), list(compare), decouple, iterations
         self.diffusers, self.dtype, self.device, self.fd, self.store = diffusers, dtype, device, fd, store
-        self.n_candidates = candidates
         self.candidates = make_grid(DEFAULT_GRID, den.schedule, candidates)
         context: dict[str, Any] = {"model": model, "schedule": repr(den.schedule), "shape": list(shape),
                                    "seeds": self.seeds, "holdout": self.holdout, "cond": cond,
@@ -251,7 +250,7 @@ class Tune:
         if row is not None:
             return row
         dp = search_steps(self.net, solver, steps, shape=self.shape, seeds=self.seeds, cond=self.cond,
-                          candidates=self.n_candidates, states=self.cal_states, x_init=self.x_cal).times
+                          candidates=len(self.candidates) - 1, states=self.cal_states, x_init=self.x_cal).times
         best_fixed = min(fixed, key=lambda r: float(r.calibration or 0.0)).times or []
         found: list[tuple[list[float], float]] = []
         for start in (dp, best_fixed):
