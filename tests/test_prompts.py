@@ -212,3 +212,15 @@ def test_sdxl_prompts_are_what_its_own_call_passes_its_unet(tmp_path, negative):
     out = fewstep.sample(fewstep.ClassifierFreeGuidance(den, 3.0, uncond=uncond), "dpmpp_2m", 3, x_init=x,
                          cond=source.cond(pipe, 2))
     assert torch.isfinite(out).all()
+
+
+def test_sample_guidance_without_prompts_needs_a_null_condition(tmp_path, capsys):
+    from fewstep.cli import main
+
+    out = tmp_path / "x.npz"
+    assert main(["sample", "--model", "unet_s", "--guidance", "3", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--guidance needs a model with a null condition" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["sample", "--model", "dit_s", "--guidance", "3", "--label", "3", "--steps", "3", "--seeds", "0-1",
+                 "--quiet", "--out", str(out)]) == 0

@@ -143,3 +143,12 @@ def prompt_source(args: argparse.Namespace, *, labelled: bool, guided: bool) -> 
     if args.prompts is not None:
         return Prompts.from_file(args.prompts, negative=negative)
     return Prompts((args.prompt,), negative, "--prompt")
+
+
+def check_guidance(den: Any, guidance: float | None) -> None:
+    """Guidance without prompts needs a model with a null condition of its own (a class-conditional DiT's null
+    label): on any other model both branches would be the same call, a guided run the unguided one at twice the
+    cost."""
+    if guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
+        raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as dit_s) or "
+                         "a pipeline's prompts (--prompt, --prompts)")

@@ -13,6 +13,7 @@ from fewstep.caching import CacheStats, check_cache_spec
 from fewstep.cli.common import (
     Subparsers,
     add_prompt_arguments,
+    check_guidance,
     class_labels,
     device,
     options,
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if prompts is None:
         den = zoo.load(plan.model)
         cond = class_labels(den, args.label, len(args.seeds))
+        check_guidance(den, plan.guidance)
     else:  # the pipeline's own encoder encodes the prompts; a PNG is its VAE's decoding of the latents
         from fewstep.pipelines import load_pipeline  # diffusers: imported only when a command needs it
 

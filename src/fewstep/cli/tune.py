@@ -12,6 +12,7 @@ from fewstep import zoo
 from fewstep.cli.common import (
     Subparsers,
     add_prompt_arguments,
+    check_guidance,
     class_labels,
     device,
     positive_int,
@@ -120,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
             hold_cond = class_labels(den, args.label, len(args.holdout))
         else:
             hold_cond = class_labels(den, args.holdout_label, len(args.holdout), what="--holdout-label")
-        if args.guidance is not None and "class_labels" not in (getattr(den, "default_cond", {}) or {}):
-            raise ValueError("--guidance needs a model with a null condition (a class-conditional DiT such as "
-                             "dit_s) or a pipeline's prompts (--prompt, --prompts)")
+        check_guidance(den, args.guidance)
     else:  # the pipeline's own encoders encode the prompts (each checked against them first), before any sampling
         pipe = load_pipeline(zoo.model_path(args.model))
         den = from_diffusers(pipe)
