@@ -5,7 +5,7 @@ A source is parsed once, at the edge (a ``--label`` or ``--prompts`` flag, an ex
 checked against the model before anything runs. :class:`Labels`: class labels of a class-conditional model (a DiT,
 or a U-Net with class embeddings), whose negative for guidance is the model's default null condition.
 :class:`Prompts`: text prompts of a text-to-image pipeline, encoded by the pipeline's own encoders (once per prompt
-and encoder: Stable Diffusion 1.x/2.x, SDXL and SD3), with the negative prompt's conditioning for guidance. ``None`` is
+and pipeline: Stable Diffusion 1.x/2.x, SDXL and SD3), with the negative prompt's conditioning for guidance. ``None`` is
 the model's own default conditioning (a DiT's null label).
 """
 
@@ -102,7 +102,8 @@ def detached(cond: Cond) -> Cond:
     return cond
 
 
-# encoded prompts, by text encoder (dropped with it) and by prompt text
+# encoded prompts, by pipeline (dropped with it: its encoders, and for SDXL its default size, make the encoding) and
+# by prompt text
 _ENCODED: weakref.WeakKeyDictionary[Any, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
@@ -112,7 +113,7 @@ class Prompts:
     the empty prompt, the unconditional branch of classifier-free guidance).
 
     :meth:`cond` and :meth:`negative_cond` encode with the pipeline's own ``encode_prompt`` under ``no_grad``, once
-    per prompt text and text encoder, into the keywords the pipeline passes its network: Stable Diffusion 1.x/2.x
+    per prompt text and pipeline, into the keywords the pipeline passes its network: Stable Diffusion 1.x/2.x
     (``encoder_hidden_states``), SDXL (also ``added_cond_kwargs``: pooled embeddings and the default call's time
     ids) and SD3 (also ``pooled_projections``; T5's part is zeros without T5, as in the pipeline). Other families
     (Flux's ids and guidance, PixArt, Sana) are refused in one line: pass their embeddings as ``cond`` instead.
@@ -160,7 +161,7 @@ class Prompts:
                                      f"it would be truncated; shorten it")
 
     def _encoded(self, pipe: Any, text: str) -> dict[str, Any]:
-        cache = _ENCODED.setdefault(pipe.text_encoder, {})
+        cache = _ENCODED.setdefault(pipe, {})
         if text not in cache:
             with torch.no_grad():
                 cache[text] = detached(_layout(pipe, self.what).encode(pipe, text))
